@@ -1,0 +1,308 @@
+"""effspec command line: a thin layer over models, data, recipes, pipeline, store and report.
+
+Every user error prints one line `effspec: error: ...` on stderr and exits 2
+(`--debug` shows the traceback). With `--json`, the last line of stdout is one
+JSON object holding every figure measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+from effspec.errors import UserError
+
+log = logging.getLogger("effspec")
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _emit(args, table: list[tuple[str, object]], record: dict) -> None:
+    width = max((len(k) for k, _ in table), default=0)
+    for k, v in table:
+        print(f"{k:<{width}}  {_fmt(v)}")
+    if args.json:
+        print(json.dumps(record, default=str))
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return "—" if v is None else str(v)
+
+
+def _measure_config(args):
+    from effspec.pipeline import MeasureConfig
+
+    return MeasureConfig(windows=args.windows, seqlen=args.seqlen, prompt_tokens=args.prompt_tokens,
+                         new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens, runs=args.runs)
+
+
+def _metrics_table(row: dict) -> list[tuple[str, object]]:
+    keys = ("perplexity", "eval_windows", "eval_seqlen", "eval_tokens", "stored_bytes", "params", "bits_per_param",
+            "linear_stored_bytes", "linear_bits_per_param", "sparsity", "decode_tokens_per_s", "prefill_tokens_per_s",
+            "peak_rss_bytes", "apply_seconds")
+    return [(k, row[k]) for k in keys if k in row]
+
+
+def _flat(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("recipe_yaml",)}
+
+
+# ---- commands ------------------------------------------------------------------------------------
+def cmd_models(args) -> None:
+    from effspec.models import BUILTIN_MODELS
+
+    for name, (desc, _) in BUILTIN_MODELS.items():
+        print(f"{name:<14} {desc}")
+    if args.json:
+        print(json.dumps({"models": {n: d for n, (d, _) in BUILTIN_MODELS.items()}}))
+
+
+def cmd_steps(args) -> None:
+    from effspec.config import config_to_dict
+    from effspec.registry import all_steps
+
+    steps = all_steps()
+    for s in steps.values():
+        calib = "calibrated" if s.needs_calibration else "data-free"
+        print(f"{s.name:<12} {s.family:<10} {s.stage:<10} {calib:<11} {s.summary}")
+        print(f"{'':<12} defaults: {config_to_dict(s.config())}")
+    if args.json:
+        print(json.dumps({n: {"family": s.family, "stage": s.stage, "calibration": s.needs_calibration,
+                              "defaults": config_to_dict(s.config())} for n, s in steps.items()}))
+
+
+def cmd_recipes(args) -> None:
+    from effspec.recipe import builtin_recipes, load_recipe
+
+    for name in builtin_recipes():
+        r = load_recipe(name)
+        print(f"{name:<18} {r.describe_steps() or '(no steps: the model as loaded)'}")
+
+
+def cmd_load_check(args) -> None:
+    from effspec.measure.size import size
+    from effspec.models import load_model, packed_manifest
+
+    t0 = time.perf_counter()
+    loaded = load_model(args.model)
+    seconds = time.perf_counter() - t0
+    cfg, s = loaded.model.config, size(loaded.model)
+    record = {"model": args.model, "architecture": type(loaded.model).__name__, "model_type": cfg.model_type,
+              "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+              "params": s.params, "stored_bytes": s.stored_bytes, "bits_per_param": s.bits_per_param,
+              "packed_layers": len(packed_manifest(loaded.model)), "load_seconds": seconds}
+    _emit(args, list(record.items()), record)
+
+
+def cmd_eval(args) -> None:
+    from effspec.data import load_text
+    from effspec.models import load_model
+    from effspec.pipeline import Evaluation, environment
+
+    loaded = load_model(args.model)
+    ev = Evaluation(loaded, load_text(args.data), _measure_config(args))
+    measures = tuple(args.measure.split(","))
+    bad = [m for m in measures if m not in ("perplexity", "speed", "size")]
+    if bad:
+        raise UserError(f"--measure: unknown measure '{bad[0]}'; expected perplexity, speed, size")
+    row = {"model": args.model, "data": args.data, **ev.measure(loaded.model, measures), "env": environment()}
+    _emit(args, _metrics_table(row), _flat(row))
+
+
+def cmd_run(args) -> None:
+    from effspec.data import load_text
+    from effspec.fsutil import MARKER, atomic_dir, check_output_dir
+    from effspec.models import fingerprint, load_model
+    from effspec.pipeline import Evaluation, run_recipe
+    from effspec.recipe import load_recipe
+    from effspec.store import Store, result_key
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        check_output_dir(out, force=True)  # only effspec's own directories may be reused
+    loaded = load_model(args.model)
+    ev = Evaluation(loaded, load_text(args.data), _measure_config(args),
+                    load_text(args.calib_data) if args.calib_data else None)
+    fp = fingerprint(loaded.model)
+    key = result_key(fp, recipe.hash, ev.measure_key(recipe.measures))
+    if out.exists() and not args.force and (out / MARKER).is_file() and (out / "results.db").is_file():
+        stored = Store(out / "results.db").get(key)
+        if stored is not None:
+            log.warning("%s already holds this result; reusing it (pass --force to recompute)", out)
+            _emit(args, _metrics_table(stored), _flat({**stored, "out": str(out), "reused": True}))
+            return
+        raise UserError(f"{out}: holds a different result; pass --force to replace it or choose another --out")
+    check_output_dir(out, args.force)
+    with atomic_dir(out) as tmp:
+        store = Store(tmp / "results.db")
+        row, _ = run_recipe(loaded, recipe, ev, store, force=True, model_fp=fp, save_to=tmp)
+        store.close()
+    _emit(args, _metrics_table(row), _flat({**row, "out": str(out), "reused": False}))
+
+
+def cmd_spectrum(args) -> None:
+    from effspec.data import load_text
+    from effspec.fsutil import MARKER, atomic_write_text
+    from effspec.models import fingerprint, load_model
+    from effspec.pipeline import Evaluation, run_recipe
+    from effspec.recipe import builtin_recipes, load_recipe
+    from effspec.report import write_report
+    from effspec.store import Store
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise UserError(f"{out}: exists, is not empty and was not written by effspec; choose another --out")
+    recipes = [load_recipe(r) for r in (args.recipes or list(builtin_recipes()))]
+    names = [r.name for r in recipes]
+    if len(set(names)) != len(names):
+        raise UserError(f"--recipes: two recipes share the name '{next(n for n in names if names.count(n) > 1)}'")
+    loaded = load_model(args.model)
+    ev = Evaluation(loaded, load_text(args.data), _measure_config(args),
+                    load_text(args.calib_data) if args.calib_data else None)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / MARKER, json.dumps({"kind": "spectrum", "model": args.model, "data": args.data}))
+    store = Store(out / "results.db")
+    fp = fingerprint(loaded.model)
+    rows, failed = [], []
+    for i, recipe in enumerate(recipes, 1):
+        try:
+            row, reused = run_recipe(loaded, recipe, ev, store, force=args.force, model_fp=fp)
+        except UserError as e:
+            failed.append(f"{recipe.name}: {e}")
+            print(f"[{i}/{len(recipes)}] {recipe.name}: failed: {e}", file=sys.stderr)
+            continue
+        rows.append(row)
+        ppl = row.get("perplexity")
+        print(f"[{i}/{len(recipes)}] {recipe.name:<18} ppl {_fmt(ppl)}  {_fmt(row.get('stored_bytes'))} B  "
+              f"{_fmt(row.get('decode_tokens_per_s'))} tok/s{'  (stored)' if reused else ''}", file=sys.stderr)
+    paths = write_report(rows, out, title=f"effspec spectrum: {args.model} on {args.data}")
+    store.close()
+    print(f"report: {', '.join(str(p) for p in paths)}")
+    if args.json:
+        print(json.dumps({"out": str(out), "rows": [_flat(r) for r in rows], "failed": failed}, default=str))
+    if failed:
+        raise UserError(f"{len(failed)} of {len(recipes)} recipes failed; first: {failed[0]}")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from effspec.generate import greedy
+    from effspec.models import load_model
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    loaded = load_model(args.model)
+    prompt = torch.tensor(loaded.tokenizer(args.prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if prompt.numel() == 0:
+        raise UserError("--prompt is empty after tokenization")
+    gen = greedy(loaded.model, prompt, args.max_new_tokens, loaded.tokenizer.eos_token_id)
+    text = loaded.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+    print(args.prompt + text)
+    if args.json:
+        print(json.dumps({"text": text, "new_tokens": gen.tokens.numel(), "decode_tokens_per_s": gen.decode_tokens_per_s,
+                          "prefill_tokens_per_s": prompt.numel() / gen.prefill_seconds, "acceptance_rate": None,
+                          "kv_cache_bytes": gen.cache_bytes}))
+
+
+# ---- parser --------------------------------------------------------------------------------------
+def _add_measure_flags(p: argparse.ArgumentParser, windows: int | None = 32) -> None:
+    p.add_argument("--windows", type=int, default=windows, help="eval windows (default: %(default)s)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per eval window (default: %(default)s)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="decode-speed prompt length (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=128, help="decode-speed new tokens (default: %(default)s)")
+    p.add_argument("--prefill-tokens", type=int, default=2048, help="prefill-speed window (default: %(default)s)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up, median (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="end stdout with one JSON line of every figure")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    common.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser = argparse.ArgumentParser(prog="effspec", description=__doc__.splitlines()[0], parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("models", parents=[common], help="list builtin models").set_defaults(fn=cmd_models)
+    sub.add_parser("steps", parents=[common], help="list registered steps and their defaults").set_defaults(fn=cmd_steps)
+    sub.add_parser("recipes", parents=[common], help="list builtin recipes").set_defaults(fn=cmd_recipes)
+    p = sub.add_parser("load-check", parents=[common], help="load a model and print its architecture and size")
+    p.add_argument("model")
+    p.set_defaults(fn=cmd_load_check)
+
+    p = sub.add_parser("eval", parents=[common], help="measure perplexity, speed, memory and size")
+    p.add_argument("model")
+    p.add_argument("--data", required=True)
+    p.add_argument("--measure", default="perplexity,speed,size", help="comma-separated (default: %(default)s)")
+    _add_measure_flags(p)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("run", parents=[common], help="apply a recipe, measure it, save the model")
+    p.add_argument("recipe", help="recipe YAML file or builtin recipe name")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="directory for the model and result (created atomically)")
+    p.add_argument("--calib-data", help="calibration text (default: recipe's calibration.data, else part of --data)")
+    p.add_argument("--force", action="store_true", help="recompute and replace an existing effspec output")
+    _add_measure_flags(p)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("spectrum", parents=[common], help="run many recipes and report the Pareto frontier")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="work directory: results.db, report.md/html, results.csv, plots")
+    p.add_argument("--recipes", nargs="+", help="recipe files or builtin names (default: all builtin recipes)")
+    p.add_argument("--calib-data")
+    p.add_argument("--force", action="store_true", help="recompute rows already in the store")
+    _add_measure_flags(p)
+    p.set_defaults(fn=cmd_spectrum)
+
+    p = sub.add_parser("generate", parents=[common], help="greedy generation with timing")
+    p.add_argument("model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(fn=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        _quiet_libraries()
+        args.fn(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"effspec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("effspec: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

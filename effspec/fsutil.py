@@ -1,0 +1,84 @@
+"""Writing outputs so they appear only when complete, and never over what a user owns.
+
+Every output directory is built under a temporary sibling name and renamed into
+place at the end; every file is written to a temporary name and `os.replace`d.
+A killed run therefore leaves either the old output or the new one, never half
+of one. Directories effspec made carry a marker file, so `--force` only ever
+replaces effspec's own outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from effspec.errors import UserError
+
+MARKER = "effspec.json"
+
+
+def cache_dir() -> Path:
+    """Where converted builtin models are cached ($EFFSPEC_CACHE, else the user cache dir)."""
+    env = os.environ.get("EFFSPEC_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("effspec"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_output_dir(out: Path, force: bool, what: str = "output directory") -> None:
+    """Refuse to touch an existing path unless it is effspec's own and `force` is set."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose another --out")
+    if not force:
+        raise UserError(f"{out}: {what} already exists; pass --force to replace it or choose another --out")
+    if not (out / MARKER).is_file():
+        raise UserError(f"{out}: exists and was not written by effspec (no {MARKER}); refusing to replace it")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out` only if the block completes.
+
+    An existing `out` (already vetted by `check_output_dir`) is swapped out and
+    removed only after the new one is in place.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

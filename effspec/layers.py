@@ -1,0 +1,172 @@
+"""Linear layers whose weights are really stored packed, not fake-quantized floats.
+
+`QuantLinear` keeps integer codes bit-packed in a flat uint8 buffer (two 4-bit
+codes a byte, eight 3-bit codes in three bytes, ...) plus per-group float16
+scales and minimums (see `effspec.quant`). Its stored size is those bytes.
+
+Forward has two paths that compute the same function:
+
+- kernel: torch's CPU low-bit matmuls -- `_weight_int4pack_mm_for_cpu` for
+  2/3/4-bit codes with groups of 32/64/128/256 (codes < 16 fit its 4-bit tiles;
+  per-channel grids are fed to it as repeated group scales), and
+  `_weight_int8pack_mm` for per-channel 8-bit. Both are fast only with bfloat16
+  activations (shared/FACTS.md), so this path runs the matmul in bfloat16 and
+  returns the input dtype. The kernel's packed form is built once, on first
+  use, and is not saved.
+- dequant: unpack, `w_hat = q * scale + minimum` in float32, `F.linear`. Exact,
+  slower; used where no kernel fits, and by tests as the reference.
+
+Perplexity and speed are both measured through whichever path is active, so the
+quality reported is the quality of the path that was timed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effspec.quant import Grid, dequantize, grid_params, pack_bits, quantize, storage_dtype, unpack_bits
+
+_KERNELS = os.environ.get("EFFSPEC_KERNELS", "1") != "0"
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+@contextlib.contextmanager
+def kernels(enabled: bool) -> Iterator[None]:
+    """Temporarily switch every packed layer between its kernel and exact dequant paths."""
+    global _KERNELS
+    before, _KERNELS = _KERNELS, enabled
+    try:
+        yield
+    finally:
+        _KERNELS = before
+
+
+class QuantLinear(nn.Module):
+    """y = x W_hat^T + b with W_hat on an integer grid (effspec.quant), stored packed."""
+
+    kind = "quant"
+
+    def __init__(self, in_features: int, out_features: int, grid: Grid, bias: bool, scale_dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.grid = in_features, out_features, grid
+        self.group = grid.group_size or in_features
+        n_groups = in_features // self.group
+        n_bytes = (in_features * out_features * grid.bits + 7) // 8
+        self.register_buffer("qweight", torch.zeros(n_bytes, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=scale_dtype))
+        if not grid.symmetric:
+            self.register_buffer("mins", torch.zeros(out_features, n_groups, dtype=scale_dtype))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._kernel: tuple | None = None
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, grid: Grid,
+                   bias: torch.Tensor | None) -> "QuantLinear":
+        """Wrap codes q (out, in) and their per-group (scale, minimum) into a packed layer."""
+        out, inp = q.shape
+        dtype = storage_dtype(scale, minimum)
+        layer = cls(inp, out, grid, bias is not None, dtype)
+        layer.qweight.copy_(pack_bits(q, grid.bits))
+        layer.scales.copy_(scale.to(dtype))
+        if not grid.symmetric:
+            layer.mins.copy_(minimum.to(dtype))
+        if bias is not None:
+            layer.bias.copy_(bias.detach().float())
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, grid: Grid, where: str = "") -> "QuantLinear":
+        """Round-to-nearest quantization of a float linear layer."""
+        W = linear.weight.detach().float()
+        group = grid.group_for(W.shape[1], where)
+        scale, minimum = grid_params(W, grid, group)
+        q = quantize(W, scale, minimum, grid)
+        return cls.from_codes(q, scale, minimum, grid, linear.bias)
+
+    def manifest(self) -> dict:
+        """What `effspec.models` needs to rebuild an empty layer of this shape before loading."""
+        g = self.grid
+        return {"kind": self.kind, "bits": g.bits, "group_size": g.group_size, "symmetric": g.symmetric,
+                "bias": self.bias is not None, "scale_dtype": str(self.scales.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_manifest(cls, m: dict, in_features: int, out_features: int) -> "QuantLinear":
+        grid = Grid(int(m["bits"]), int(m["group_size"]), bool(m["symmetric"]))
+        return cls(in_features, out_features, grid, bool(m["bias"]), getattr(torch, m["scale_dtype"]))
+
+    # ---- views of the stored tensors -------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        q = unpack_bits(self.qweight, self.grid.bits, self.in_features * self.out_features)
+        return q.view(self.out_features, self.in_features)
+
+    def minimums(self) -> torch.Tensor:
+        s = self.scales.float()
+        return self.mins.float() if not self.grid.symmetric else -(2 ** (self.grid.bits - 1)) * s
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(self.codes(), self.scales.float(), self.minimums())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight this layer represents (computed; for inspection and exporters)."""
+        return self.dequantized_weight()
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new codes invalidate the kernel's copy
+        self._kernel = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    # ---- forward ----------------------------------------------------------------------
+    def _kernel_form(self) -> tuple | None:
+        """Build (once) the packed operands of torch's int4/int8 CPU kernels, or None."""
+        if self._kernel is not None:
+            return self._kernel if self._kernel[0] != "none" else None
+        g, N, K = self.grid, self.out_features, self.in_features
+        form: tuple = ("none",)
+        if g.bits <= 4 and N % 16 == 0:
+            group = self.group if self.group in INT4_GROUPS else next(
+                (c for c in (64, 32) if g.group_size == 0 and K % c == 0), None)
+            if group is not None and K % group == 0:
+                reps = self.group // group  # per-channel: the row's one scale repeated per kernel group
+                s = self.scales.float().repeat_interleave(reps, 1)
+                z = self.minimums().repeat_interleave(reps, 1) + 8 * s  # kernel: w = (q - 8) * s + z
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 2)
+                sz = torch.stack([s.t(), z.t()], -1).to(torch.bfloat16).contiguous()  # (K/group, N, 2)
+                form = ("int4", packed, group, sz)
+        elif g.bits == 8 and g.group_size == 0:
+            w8 = (self.codes().to(torch.int16) - 128).to(torch.int8)  # w = (q - 128) * s + (min + 128 s)
+            s = self.scales.float()[:, 0]
+            offset = None if g.symmetric else (self.minimums()[:, 0] + 128 * s)
+            form = ("int8", w8, s.to(torch.bfloat16), offset)
+        self._kernel = form
+        return None if form[0] == "none" else form
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        form = self._kernel_form() if _KERNELS else None
+        if form is None:
+            return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        shape = x.shape
+        xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if form[0] == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, form[1], form[2], form[3]).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(xb, form[1], form[2]).to(x.dtype)
+            if form[3] is not None:
+                y = y + x.reshape(-1, shape[-1]).sum(-1, keepdim=True) * form[3].to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        g = self.grid
+        return (f"in={self.in_features}, out={self.out_features}, bits={g.bits}, "
+                f"group={g.group_size or 'channel'}, {'sym' if g.symmetric else 'asym'}")
+
+
+PACKED_LAYERS: dict[str, type[QuantLinear]] = {QuantLinear.kind: QuantLinear}

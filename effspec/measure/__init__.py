@@ -1,0 +1,1 @@
+"""Measures: each takes a model (and data) and returns a plain dataclass of figures."""

@@ -1,0 +1,150 @@
+"""The path every command shares: load -> calibrate -> apply steps -> measure -> store -> save.
+
+`run_recipe` is what `effspec run` and each point of `effspec spectrum` do:
+derive the result key, reuse a stored row if there is one, otherwise apply the
+recipe's steps to a fresh copy of the model (with calibration drawn as the
+contract says), check the result is finite, measure it, store the row, and
+optionally save the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import effspec
+from effspec.data import TextSource, calibration_samples, calibration_tokens, eval_windows, load_text, text_digest, tokenize
+from effspec.errors import UserError
+from effspec.measure.perplexity import perplexity
+from effspec.measure.size import size
+from effspec.measure.speed import speed
+from effspec.models import LoadedModel, fingerprint
+from effspec.recipe import Recipe
+from effspec.registry import get_step
+from effspec.store import Store, result_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """How results are measured; part of every result's key. Defaults are BENCHMARKS.md's protocol."""
+
+    windows: int | None = 32
+    seqlen: int = 2048
+    prompt_tokens: int = 128
+    new_tokens: int = 128
+    prefill_tokens: int = 2048
+    runs: int = 5
+
+
+class Evaluation:
+    """One model's data, tokenized once: eval windows, speed prompt, calibration tokens on demand."""
+
+    def __init__(self, loaded: LoadedModel, source: TextSource, mcfg: MeasureConfig, calib_source: TextSource | None = None):
+        self.source, self.mcfg, self.calib_source = source, mcfg, calib_source
+        self.tokenizer = loaded.tokenizer
+        self.ids = tokenize(loaded.tokenizer, source.eval_text)
+        limit = getattr(loaded.model.config, "max_position_embeddings", None)
+        if limit and mcfg.seqlen > limit:
+            raise UserError(f"--seqlen {mcfg.seqlen} exceeds the model's context of {limit} tokens")
+        self.windows = eval_windows(self.ids, mcfg.seqlen, mcfg.windows)
+        self._calib_ids: torch.Tensor | None = None
+
+    def measure_key(self, measures: tuple[str, ...]) -> dict:
+        return {"measures": sorted(measures), **asdict(self.mcfg), "data": self.source.spec,
+                "data_digest": text_digest(self.source.eval_text), "threads": torch.get_num_threads()}
+
+    def calibration(self, recipe: Recipe) -> torch.Tensor:
+        """Calibration ids (samples, seqlen): --calib-data, else recipe's data, else eval text past the windows."""
+        spec = recipe.calibration
+        source = self.calib_source or (load_text(spec.data) if spec.data else self.source)
+        if self._calib_ids is None or source is not self.source:
+            ids = calibration_tokens(self.tokenizer, source, self.windows.numel() if source is self.source else 0)
+            if source is self.source:
+                self._calib_ids = ids
+        else:
+            ids = self._calib_ids
+        return calibration_samples(ids, spec.samples, spec.seqlen, spec.seed)
+
+    def measure(self, model: torch.nn.Module, measures: tuple[str, ...]) -> dict:
+        row: dict = {}
+        if "perplexity" in measures:
+            p = perplexity(model, self.windows)
+            row.update(perplexity=p.perplexity, eval_nll=p.nll, eval_tokens=p.eval_tokens,
+                       eval_windows=p.eval_windows, eval_seqlen=p.eval_seqlen)
+        if "size" in measures:
+            s = size(model)
+            row.update({k: v for k, v in asdict(s).items() if k != "layer_sparsity"})
+            if s.sparsity:
+                row["layer_sparsity"] = s.layer_sparsity
+        if "speed" in measures:
+            m = self.mcfg
+            sp = speed(model, self.ids, m.prompt_tokens, m.new_tokens, m.prefill_tokens, m.runs)
+            row.update(decode_tokens_per_s=sp.decode_tokens_per_s, prefill_tokens_per_s=sp.prefill_tokens_per_s,
+                       peak_rss_bytes=sp.peak_rss_bytes, prompt_tokens=sp.prompt_tokens,
+                       new_tokens=sp.new_tokens, prefill_tokens=sp.prefill_tokens, threads=sp.threads)
+        return row
+
+
+def environment() -> dict:
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"effspec": effspec.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpu": cpu, "threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def check_finite(model: torch.nn.Module, step: str) -> None:
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"step '{step}' left NaN/inf values in {name}")
+
+
+def apply_recipe(model: torch.nn.Module, recipe: Recipe, ev: Evaluation) -> torch.nn.Module:
+    calib = ev.calibration(recipe) if recipe.needs_calibration else None
+    for name, cfg in recipe.steps:
+        log.info("applying %s", name)
+        model = get_step(name).apply(model, cfg, calib)
+        check_finite(model, name)
+    return model.eval()
+
+
+def run_recipe(loaded: LoadedModel, recipe: Recipe, ev: Evaluation, store: Store | None,
+               force: bool = False, model_fp: str | None = None, save_to: Path | None = None) -> tuple[dict, bool]:
+    """Result row of `recipe` on `loaded` (untouched) and whether it came from the store."""
+    model_fp = model_fp or fingerprint(loaded.model)
+    key = result_key(model_fp, recipe.hash, ev.measure_key(recipe.measures))
+    if store is not None and not force and save_to is None and (row := store.get(key)) is not None:
+        return row, True
+    model = copy.deepcopy(loaded.model) if recipe.steps else loaded.model
+    t0 = time.perf_counter()
+    model = apply_recipe(model, recipe, ev)
+    apply_seconds = time.perf_counter() - t0
+    row = {"recipe": recipe.name, "recipe_hash": recipe.hash, "recipe_yaml": recipe.text, "model": loaded.spec,
+           "model_fingerprint": model_fp, "data": ev.source.spec, "steps": recipe.describe_steps(),
+           "apply_seconds": apply_seconds, **ev.measure(model, recipe.measures), "env": environment()}
+    if save_to is not None:
+        from effspec.models import save_model
+
+        save_model(model, loaded.tokenizer, save_to, {"recipe": recipe.name, "recipe_hash": recipe.hash,
+                                                       "source_model": loaded.spec, "result": row})
+    if store is not None:
+        store.put(key, row)
+    row["key"] = key
+    return row, False

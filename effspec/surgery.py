@@ -1,0 +1,47 @@
+"""Model surgery by module name, so steps never hard-code a model family's attribute paths.
+
+`linear_layers` finds the linear layers a step should touch by glob patterns
+over qualified names; `replace_module` swaps one in place; `decoder_blocks`
+finds the stack of transformer blocks that block-by-block calibration walks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable
+
+from torch import nn
+
+from effspec.errors import UserError
+
+DEFAULT_EXCLUDE = ("lm_head", "*embed_out")  # the output head: usually tied to the embeddings
+
+
+def linear_layers(model: nn.Module, include: Iterable[str] = ("*",),
+                  exclude: Iterable[str] = DEFAULT_EXCLUDE) -> dict[str, nn.Linear]:
+    """Float nn.Linear modules whose qualified name matches `include` and no `exclude` pattern."""
+    include, exclude = tuple(include), tuple(exclude)
+    found = {}
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear:  # not subclasses: packed layers are already compressed
+            if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(
+                fnmatch.fnmatchcase(name, p) for p in exclude
+            ):
+                found[name] = module
+    return found
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList holding the model's transformer blocks (one per hidden layer)."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    for m in candidates:
+        if n is None or len(m) == n:
+            return m
+    raise UserError(f"unsupported architecture {type(model).__name__}: no list of {n} decoder blocks found")
