@@ -126,29 +126,29 @@ def cmd_eval(args) -> None:
 
 def cmd_run(args) -> None:
     from effspec.data import load_text
-    from effspec.fsutil import MARKER, atomic_dir, check_output_dir
+    from effspec.fsutil import atomic_dir, check_output_dir
     from effspec.models import fingerprint, load_model
     from effspec.pipeline import Evaluation, run_recipe
     from effspec.recipe import load_recipe
-    from effspec.store import Store, result_key
+    from effspec.store import Store
 
     recipe = load_recipe(args.recipe)
     out = Path(args.out)
-    if out.exists() and not args.force:
-        check_output_dir(out, force=True)  # only effspec's own directories may be reused
+    if out.exists():
+        check_output_dir(out, force=True, kind="model")  # only effspec's own model directories may be reused
     loaded = load_model(args.model)
     ev = Evaluation(loaded, load_text(args.data), _measure_config(args),
                     load_text(args.calib_data) if args.calib_data else None)
     fp = fingerprint(loaded.model)
-    key = result_key(fp, recipe.hash, ev.measure_key(recipe.measures))
-    if out.exists() and not args.force and (out / MARKER).is_file() and (out / "results.db").is_file():
+    key = ev.result_key(fp, recipe)
+    if out.exists() and not args.force and (out / "results.db").is_file() and (out / "config.json").is_file():
         stored = Store(out / "results.db").get(key)
         if stored is not None:
             log.warning("%s already holds this result; reusing it (pass --force to recompute)", out)
             _emit(args, _metrics_table(stored), _flat({**stored, "out": str(out), "reused": True}))
             return
         raise UserError(f"{out}: holds a different result; pass --force to replace it or choose another --out")
-    check_output_dir(out, args.force)
+    check_output_dir(out, args.force, kind="model")
     with atomic_dir(out) as tmp:
         store = Store(tmp / "results.db")
         row, _ = run_recipe(loaded, recipe, ev, store, force=True, model_fp=fp, save_to=tmp)
@@ -158,7 +158,7 @@ def cmd_run(args) -> None:
 
 def cmd_spectrum(args) -> None:
     from effspec.data import load_text
-    from effspec.fsutil import MARKER, atomic_write_text
+    from effspec.fsutil import MARKER, atomic_write_text, marker_kind
     from effspec.models import fingerprint, load_model
     from effspec.pipeline import Evaluation, run_recipe
     from effspec.recipe import builtin_recipes, load_recipe
@@ -166,8 +166,12 @@ def cmd_spectrum(args) -> None:
     from effspec.store import Store
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise UserError(f"{out}: exists, is not empty and was not written by effspec; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()) and marker_kind(out) != "spectrum":
+        found = marker_kind(out)
+        raise UserError(f"{out}: {'holds an effspec ' + found + ' output' if found else 'is not empty and was not written by effspec'}"
+                        f", not a spectrum; choose another --out")
     recipes = [load_recipe(r) for r in (args.recipes or list(builtin_recipes()))]
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
@@ -180,9 +184,14 @@ def cmd_spectrum(args) -> None:
     store = Store(out / "results.db")
     fp = fingerprint(loaded.model)
     rows, failed = [], []
+    fresh, loaded = loaded, None  # steps change a model in place: each computed recipe gets its own load
     for i, recipe in enumerate(recipes, 1):
         try:
-            row, reused = run_recipe(loaded, recipe, ev, store, force=args.force, model_fp=fp)
+            model, fresh = fresh or load_model(args.model), None
+            row, reused = run_recipe(model, recipe, ev, store, force=args.force, model_fp=fp)
+            if reused:
+                fresh = model
+            del model
         except UserError as e:
             failed.append(f"{recipe.name}: {e}")
             print(f"[{i}/{len(recipes)}] {recipe.name}: failed: {e}", file=sys.stderr)
@@ -231,13 +240,20 @@ def _add_measure_flags(p: argparse.ArgumentParser, windows: int | None = 32) -> 
     p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up, median (default: %(default)s)")
 
 
+def _common_flags(suppress: bool) -> argparse.ArgumentParser:
+    """Flags accepted before or after the command; after it, they default to 'not given' so they never undo before."""
+    p = argparse.ArgumentParser(add_help=False)
+    d = {"default": argparse.SUPPRESS} if suppress else {}
+    p.add_argument("--json", action="store_true", help="end stdout with one JSON line of every figure", **d)
+    p.add_argument("--debug", action="store_true", help="show tracebacks", **d)
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress messages", **d)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)", **(d or {"default": None}))
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="end stdout with one JSON line of every figure")
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    common.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
-    common.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser = argparse.ArgumentParser(prog="effspec", description=__doc__.splitlines()[0], parents=[common])
+    parser = argparse.ArgumentParser(prog="effspec", description=__doc__.splitlines()[0], parents=[_common_flags(False)])
+    common = _common_flags(True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("models", parents=[common], help="list builtin models").set_defaults(fn=cmd_models)

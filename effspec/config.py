@@ -13,6 +13,14 @@ import typing
 from typing import Any
 
 
+class ConfigError(ValueError):
+    """A bad config value; `field` names it so a recipe error can point at its line."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def _type_ok(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if hint is Any:
@@ -45,14 +53,14 @@ def config_from_dict(cls: type, data: dict | None) -> Any:
     """Build config `cls` from a mapping; ValueError names the bad field and what it expects."""
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ValueError(f"expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+        raise ConfigError("", f"expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     for key, value in data.items():
         if key not in fields:
-            raise ValueError(f"unknown field '{key}'; expected one of {', '.join(sorted(fields))}")
+            raise ConfigError(key, f"unknown field '{key}'; expected one of {', '.join(sorted(fields))}")
         if not _type_ok(value, hints[key]):
-            raise ValueError(f"{key}: got {value!r}, expected {_describe(hints[key])}")
+            raise ConfigError(key, f"{key}: got {value!r}, expected {_describe(hints[key])}")
     coerced = {k: (tuple(v) if isinstance(v, list) else float(v) if hints[k] is float else v) for k, v in data.items()}
     return cls(**coerced)
 
@@ -64,4 +72,4 @@ def config_to_dict(cfg: Any) -> dict:
 def expect(ok: bool, field: str, value: Any, expected: str) -> None:
     """Raise the ValueError every config check raises: field, value, what was expected."""
     if not ok:
-        raise ValueError(f"{field}: got {value!r}, expected {expected}")
+        raise ConfigError(field, f"{field}: got {value!r}, expected {expected}")

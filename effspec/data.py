@@ -9,7 +9,7 @@ calibration from:
 - `hf:NAME[:CONFIG[:SPLIT]]` through HF `datasets`, when a hub is reachable;
 - builtin `stdlib-docs`: the docstrings of this Python's standard library, read
   with `ast` (nothing imported) in sorted file order, so it needs no download;
-  every fifth docstring is held out for calibration.
+  each distinct docstring once, every fifth held out for calibration.
 
 Evaluation: tokenize the whole text once, cut it into non-overlapping windows of
 `seqlen` tokens, keep the first `n`. Calibration: `n` sequences of `seqlen`
@@ -114,7 +114,7 @@ def _hf_dataset(spec: str) -> TextSource:
 
 def _stdlib_docs() -> TextSource:
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    cached = cache_dir() / "data" / f"stdlib-docs-py{version}.json"
+    cached = cache_dir() / "data" / f"stdlib-docs-v2-py{version}.json"
     if cached.is_file():
         docs = json.loads(cached.read_text())
     else:
@@ -129,7 +129,7 @@ def _collect_docstrings(root: Path) -> list[str]:
     skip = {"site-packages", "test", "tests", "idle_test", "lib2to3", "__pycache__"}
     files = sorted(p for p in root.rglob("*.py")
                    if not any(part in skip or part.startswith("test") for part in p.relative_to(root).parts))
-    docs = []
+    docs: dict[str, None] = {}  # distinct, in first-seen order: no docstring on both sides of the split
     for path in files:
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -139,8 +139,8 @@ def _collect_docstrings(root: Path) -> list[str]:
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
                 if doc and len(doc) > 40:
-                    docs.append(doc)
-    return docs
+                    docs.setdefault(doc)
+    return list(docs)
 
 
 # ---- tokens -----------------------------------------------------------------------------------

@@ -48,16 +48,29 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def check_output_dir(out: Path, force: bool, what: str = "output directory") -> None:
-    """Refuse to touch an existing path unless it is effspec's own and `force` is set."""
+def marker_kind(out: Path) -> str | None:
+    """What effspec wrote `out` as ("model", "spectrum"), or None if effspec did not write it."""
+    import json
+
+    try:
+        return str(json.loads((out / MARKER).read_text()).get("kind", "model"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_output_dir(out: Path, force: bool, kind: str) -> None:
+    """Refuse to touch an existing path unless it is effspec's own output of `kind` and `force` is set."""
     if not out.exists():
         return
     if not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose another --out")
+    found = marker_kind(out)
+    if found is None:
+        raise UserError(f"{out}: exists and was not written by effspec (no {MARKER}); choose another --out")
+    if found != kind:
+        raise UserError(f"{out}: holds an effspec {found} output, not a {kind}; choose another --out")
     if not force:
-        raise UserError(f"{out}: {what} already exists; pass --force to replace it or choose another --out")
-    if not (out / MARKER).is_file():
-        raise UserError(f"{out}: exists and was not written by effspec (no {MARKER}); refusing to replace it")
+        raise UserError(f"{out}: already exists; pass --force to replace it or choose another --out")
 
 
 @contextlib.contextmanager

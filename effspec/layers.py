@@ -4,20 +4,25 @@
 codes a byte, eight 3-bit codes in three bytes, ...) plus per-group float16
 scales and minimums (see `effspec.quant`). Its stored size is those bytes.
 
-Forward has two paths that compute the same function:
+Forward has two paths that compute the same function, chosen by the number of
+rows (tokens) in the input:
 
-- kernel: torch's CPU low-bit matmuls -- `_weight_int4pack_mm_for_cpu` for
+- kernel, below `KERNEL_MAX_ROWS` rows (decode): torch's CPU low-bit matmuls -- `_weight_int4pack_mm_for_cpu` for
   2/3/4-bit codes with groups of 32/64/128/256 (codes < 16 fit its 4-bit tiles;
   per-channel grids are fed to it as repeated group scales), and
   `_weight_int8pack_mm` for per-channel 8-bit. Both are fast only with bfloat16
   activations (shared/FACTS.md), so this path runs the matmul in bfloat16 and
   returns the input dtype. The kernel's packed form is built once, on first
   use, and is not saved.
-- dequant: unpack, `w_hat = q * scale + minimum` in float32, `F.linear`. Exact,
-  slower; used where no kernel fits, and by tests as the reference.
+- dequant, from `KERNEL_MAX_ROWS` rows up (prefill, perplexity windows) or where
+  no kernel fits: unpack, `w_hat = q * scale + minimum` in float32, `F.linear`.
+  Exact. torch's low-bit CPU kernels are matrix-vector loops whose time grows
+  with the row count; measured here (1 thread, 1536x576, 4-bit g64) the kernel
+  beats a float32 matmul on unpacked weights below ~48 rows and loses 2x at 512.
 
-Perplexity and speed are both measured through whichever path is active, so the
-quality reported is the quality of the path that was timed.
+So perplexity (long windows) is that of the exact quantized weights, the path
+prefill speed times; decode runs the bfloat16 kernel path, whose outputs differ
+from the exact path by bfloat16 rounding only (tests bound it).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from effspec.quant import Grid, dequantize, grid_params, pack_bits, quantize, st
 
 _KERNELS = os.environ.get("EFFSPEC_KERNELS", "1") != "0"
 INT4_GROUPS = (32, 64, 128, 256)
+KERNEL_MAX_ROWS = 48
 
 
 @contextlib.contextmanager
@@ -148,7 +154,8 @@ class QuantLinear(nn.Module):
         return None if form[0] == "none" else form
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        form = self._kernel_form() if _KERNELS else None
+        rows = x.numel() // x.shape[-1]
+        form = self._kernel_form() if _KERNELS and rows < KERNEL_MAX_ROWS else None
         if form is None:
             return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         shape = x.shape

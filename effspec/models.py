@@ -177,9 +177,14 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
     packed = meta.get("layers", {})
     if not packed:
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch.float32, output_loading_info=True)
         except (OSError, ValueError) as e:
             raise UserError(f"{path}: cannot load weights ({str(e).splitlines()[0][:200]})") from e
+        missing = [k for k in info.get("missing_keys", ()) if not _is_tied(model, k)]
+        if missing or info.get("unexpected_keys"):  # transformers would leave them randomly initialized
+            raise UserError(f"{path}: weights do not match the config (missing {sorted(missing)[:3]}, "
+                            f"unexpected {sorted(info.get('unexpected_keys', ()))[:3]})")
         return LoadedModel(model.eval(), tokenizer, spec, meta)
     from effspec.layers import PACKED_LAYERS
 
@@ -261,7 +266,8 @@ def save_model(model: nn.Module, tokenizer, out: Path, meta: dict) -> None:
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     else:
         model.save_pretrained(out)
-    (out / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, **meta, "layers": layers}, indent=2, default=str))
+    (out / MARKER).write_text(json.dumps({"kind": "model", "format": FORMAT_VERSION, **meta, "layers": layers},
+                                         indent=2, default=str))
 
 
 def fingerprint(model: nn.Module) -> str:

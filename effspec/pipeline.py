@@ -9,7 +9,6 @@ optionally save the model.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import platform
@@ -57,21 +56,38 @@ class Evaluation:
             raise UserError(f"--seqlen {mcfg.seqlen} exceeds the model's context of {limit} tokens")
         self.windows = eval_windows(self.ids, mcfg.seqlen, mcfg.windows)
         self._calib_ids: torch.Tensor | None = None
+        self._loaded_sources: dict[str, TextSource] = {}
 
-    def measure_key(self, measures: tuple[str, ...]) -> dict:
-        return {"measures": sorted(measures), **asdict(self.mcfg), "data": self.source.spec,
-                "data_digest": text_digest(self.source.eval_text), "threads": torch.get_num_threads()}
+    def result_key(self, model_fp: str, recipe: Recipe) -> str:
+        """What determines a result: the input model, the recipe, how it is measured, and on what text."""
+        measure = {"measures": sorted(recipe.measures), **asdict(self.mcfg), "data": self.source.spec,
+                   "data_digest": text_digest(self.source.eval_text), "threads": torch.get_num_threads()}
+        if recipe.needs_calibration:
+            source = self._calibration_source(recipe)
+            measure["calibration"] = {"data": source.spec, "digest": text_digest(source.calib_text or source.eval_text)}
+        return result_key(model_fp, recipe.hash, measure)
+
+    def _calibration_source(self, recipe: Recipe) -> TextSource:
+        """--calib-data, else the recipe's calibration.data, else the eval data itself."""
+        if self.calib_source is not None:
+            return self.calib_source
+        spec = recipe.calibration.data
+        if spec is None:
+            return self.source
+        if spec not in self._loaded_sources:
+            self._loaded_sources[spec] = load_text(spec)
+        return self._loaded_sources[spec]
 
     def calibration(self, recipe: Recipe) -> torch.Tensor:
-        """Calibration ids (samples, seqlen): --calib-data, else recipe's data, else eval text past the windows."""
+        """Calibration ids (samples, seqlen), drawn from text disjoint from the scored windows."""
         spec = recipe.calibration
-        source = self.calib_source or (load_text(spec.data) if spec.data else self.source)
-        if self._calib_ids is None or source is not self.source:
-            ids = calibration_tokens(self.tokenizer, source, self.windows.numel() if source is self.source else 0)
-            if source is self.source:
-                self._calib_ids = ids
-        else:
+        source = self._calibration_source(recipe)
+        if source is self.source:  # the eval data: its calibration text, else what lies past the windows
+            if self._calib_ids is None:
+                self._calib_ids = calibration_tokens(self.tokenizer, source, self.windows.numel())
             ids = self._calib_ids
+        else:
+            ids = calibration_tokens(self.tokenizer, source, 0)
         return calibration_samples(ids, spec.samples, spec.seqlen, spec.seed)
 
     def measure(self, model: torch.nn.Module, measures: tuple[str, ...]) -> dict:
@@ -83,7 +99,7 @@ class Evaluation:
         if "size" in measures:
             s = size(model)
             row.update({k: v for k, v in asdict(s).items() if k != "layer_sparsity"})
-            if s.sparsity:
+            if s.sparsity and s.sparsity > 0.01:  # pruned: say what each layer reached
                 row["layer_sparsity"] = s.layer_sparsity
         if "speed" in measures:
             m = self.mcfg
@@ -127,12 +143,17 @@ def apply_recipe(model: torch.nn.Module, recipe: Recipe, ev: Evaluation) -> torc
 
 def run_recipe(loaded: LoadedModel, recipe: Recipe, ev: Evaluation, store: Store | None,
                force: bool = False, model_fp: str | None = None, save_to: Path | None = None) -> tuple[dict, bool]:
-    """Result row of `recipe` on `loaded` (untouched) and whether it came from the store."""
+    """Result row of `recipe` on `loaded` and whether it came from the store.
+
+    The steps change `loaded.model` in place (a fresh load per recipe costs under
+    a second from the cache, and keeping a float original resident would inflate
+    the compressed model's measured peak memory); pass a copy to keep it.
+    """
     model_fp = model_fp or fingerprint(loaded.model)
-    key = result_key(model_fp, recipe.hash, ev.measure_key(recipe.measures))
+    key = ev.result_key(model_fp, recipe)
     if store is not None and not force and save_to is None and (row := store.get(key)) is not None:
         return row, True
-    model = copy.deepcopy(loaded.model) if recipe.steps else loaded.model
+    model = loaded.model
     t0 = time.perf_counter()
     model = apply_recipe(model, recipe, ev)
     apply_seconds = time.perf_counter() - t0

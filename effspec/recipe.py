@@ -64,16 +64,16 @@ class Recipe:
         return hashlib.sha256(json.dumps(self.canonical(), sort_keys=True).encode()).hexdigest()[:16]
 
     def describe_steps(self) -> str:
-        """One line, e.g. "rtn(bits=4, group_size=64)": the fields that differ from the defaults."""
+        """One line, e.g. "rtn(bits=4, group_size=64, symmetric=True)"; module patterns only when not default."""
         parts = []
         for name, cfg in self.steps:
             default = config_to_dict(type(cfg)())
-            changed = {k: v for k, v in config_to_dict(cfg).items() if default.get(k) != v}
-            parts.append(f"{name}({', '.join(f'{k}={v}' for k, v in changed.items())})")
+            shown = {k: v for k, v in config_to_dict(cfg).items() if k not in ("targets", "ignore") or default[k] != v}
+            parts.append(f"{name}({', '.join(f'{k}={v}' for k, v in shown.items())})")
         return " -> ".join(parts)
 
 
-def _lines(node: yaml.Node) -> dict:
+def _lines(node: yaml.Node | None) -> dict:
     """key -> (line of the key, value node) for a YAML mapping node."""
     if not isinstance(node, yaml.MappingNode):
         return {}
@@ -121,6 +121,11 @@ def parse_recipe(text: str, where: str, default_name: str = "recipe") -> Recipe:
         try:
             steps.append((info.name, config_from_dict(info.config, fields)))
         except ValueError as e:
+            step_node = _lines(step_nodes[i]).get(step_name, (0, None))[1] if i < len(step_nodes) else None
+            field_lines = _lines(step_node)
+            field = getattr(e, "field", "")
+            if field in field_lines:
+                at = f"{where}:{field_lines[field][0]}"
             raise UserError(f"{at}: steps[{i}].{step_name}.{e}") from None
     measures = data.get("measure", list(MEASURES))
     if isinstance(measures, str):
@@ -130,7 +135,9 @@ def parse_recipe(text: str, where: str, default_name: str = "recipe") -> Recipe:
     try:
         calibration = config_from_dict(CalibrationSpec, data.get("calibration"))
     except ValueError as e:
-        raise UserError(f"{where}:{line('calibration')}: calibration.{e}") from None
+        calib_lines = _lines(top["calibration"][1]) if "calibration" in top else {}
+        at = calib_lines[e.field][0] if getattr(e, "field", "") in calib_lines else line("calibration")
+        raise UserError(f"{where}:{at}: calibration.{e}") from None
     return Recipe(name, tuple(steps), tuple(measures), calibration, text)
 
 

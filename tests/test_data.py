@@ -148,9 +148,6 @@ def test_stdlib_docs_split_is_deterministic_and_follows_sorted_files(fake_stdlib
     assert load_text("stdlib-docs") == first
 
 
-@pytest.mark.xfail(strict=True, reason="data.py _stdlib_docs splits by docstring index without deduplicating: "
-                   "a docstring repeated in the stdlib (e.g. 'D.keys() -> a set-like object...') lands in both "
-                   "the eval and the calibration text, so calibration sees scored text")
 def test_stdlib_docs_calibration_never_repeats_an_eval_docstring(fake_stdlib: Path) -> None:
     same = "Return the same helpful sentence that two stdlib modules happen to share."
     # sorted order: a (0, 1), b (2, 3), c (4 -> calibration, 5); a and c share their module docstring
@@ -170,7 +167,7 @@ def test_stdlib_docs_builtin_is_deterministic_and_calibration_held_out() -> None
     # the cached docstring list, split by index: every fifth held out for calibration, none in both
     from effspec.fsutil import cache_dir
 
-    (cached,) = (cache_dir() / "data").glob("stdlib-docs-py*.json")
+    (cached,) = (cache_dir() / "data").glob("stdlib-docs-*py*.json")
     docs = json.loads(cached.read_text())
     assert len(docs) > 1000
     assert first.eval_text == "\n\n".join(d for i, d in enumerate(docs) if i % 5 != 4)

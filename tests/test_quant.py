@@ -59,7 +59,7 @@ def test_packed_kernel_path_matches_exact_dequant_path(bits, group, symmetric):
     torch.manual_seed(0)
     lin = nn.Linear(128, 64, bias=True)
     q = QuantLinear.from_linear(lin, Grid(bits, group, symmetric))
-    x = torch.randn(2, 5, 128)
+    x = torch.randn(2, 5, 128)  # 10 rows: below KERNEL_MAX_ROWS, the decode path
     with kernels(False):
         exact = q(x)
     reference = x @ q.dequantized_weight().t() + lin.bias.detach()
@@ -107,3 +107,12 @@ def test_group_size_that_does_not_divide_is_a_clear_error():
         step.apply(load_model("tiny-llama").model, step.config(group_size=48))
     with pytest.raises(ValueError, match="bits"):
         step.config(bits=5)
+
+
+def test_many_rows_take_the_exact_path():
+    from effspec.layers import KERNEL_MAX_ROWS
+
+    torch.manual_seed(0)
+    q = QuantLinear.from_linear(nn.Linear(64, 32, bias=False), Grid(4, 32, True))
+    x = torch.randn(KERNEL_MAX_ROWS, 64)
+    assert torch.allclose(q(x), x @ q.dequantized_weight().t(), atol=1e-5)
