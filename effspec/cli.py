@@ -44,18 +44,40 @@ def _fmt(v: object) -> str:
     return "—" if v is None else str(v)
 
 
+def _task_names(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    from effspec.measure.tasks import TASKS
+
+    names = TASKS if text == "all" else tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise UserError(f"--tasks: unknown task '{unknown[0]}'; expected 'all' or some of {', '.join(TASKS)}")
+    return names
+
+
 def _measure_config(args):
     from effspec.pipeline import MeasureConfig
 
+    for flag in ("windows", "seqlen", "prompt_tokens", "new_tokens", "prefill_tokens", "runs", "limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.tasks_dir and not Path(args.tasks_dir).is_dir():
+        raise UserError(f"--tasks-dir {args.tasks_dir}: no such directory")
     return MeasureConfig(windows=args.windows, seqlen=args.seqlen, prompt_tokens=args.prompt_tokens,
-                         new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens, runs=args.runs)
+                         new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens, runs=args.runs,
+                         tasks=_task_names(args.tasks), tasks_dir=args.tasks_dir, task_limit=args.limit, kld=args.kld)
 
 
 def _metrics_table(row: dict) -> list[tuple[str, object]]:
-    keys = ("perplexity", "eval_windows", "eval_seqlen", "eval_tokens", "stored_bytes", "params", "bits_per_param",
+    keys = ("perplexity", "eval_windows", "eval_seqlen", "eval_tokens", "bits_per_byte", "word_perplexity",
+            "kld_mean", "kld_p99", "top1_agreement", "stored_bytes", "params", "bits_per_param",
             "linear_stored_bytes", "linear_bits_per_param", "sparsity", "decode_tokens_per_s", "prefill_tokens_per_s",
             "peak_rss_bytes", "apply_seconds")
-    return [(k, row[k]) for k in keys if k in row]
+    tasks = [k for k in row if k.startswith(("acc_", "tasks_avg")) or k.endswith("_perplexity") and k != "word_perplexity"
+             and k != "byte_perplexity"]
+    return [(k, row[k]) for k in keys if k in row] + [(k, row[k]) for k in tasks]
 
 
 def _flat(row: dict) -> dict:
@@ -114,13 +136,30 @@ def cmd_eval(args) -> None:
     from effspec.models import load_model
     from effspec.pipeline import Evaluation, environment
 
-    loaded = load_model(args.model)
-    ev = Evaluation(loaded, load_text(args.data), _measure_config(args))
-    measures = tuple(args.measure.split(","))
-    bad = [m for m in measures if m not in ("perplexity", "speed", "size")]
+    from effspec.models import fingerprint
+    from effspec.recipe import MEASURES
+
+    mcfg = _measure_config(args)
+    measures = tuple(dict.fromkeys(m.strip() for m in args.measure.split(",") if m.strip()))
+    bad = [m for m in measures if m not in MEASURES]
     if bad:
-        raise UserError(f"--measure: unknown measure '{bad[0]}'; expected perplexity, speed, size")
-    row = {"model": args.model, "data": args.data, **ev.measure(loaded.model, measures), "env": environment()}
+        raise UserError(f"--measure: unknown measure '{bad[0]}'; expected some of {', '.join(MEASURES)}")
+    measures += (("tasks",) if mcfg.tasks and "tasks" not in measures else ()) + (
+        ("kld",) if mcfg.kld and "kld" not in measures else ())
+    loaded = load_model(args.model)
+    ev = Evaluation(loaded, load_text(args.data), mcfg)
+    reference = None
+    if "kld" in measures:
+        spec = args.reference or loaded.meta.get("source_model")
+        if not spec:
+            raise UserError("--kld needs the original model: pass --reference MODEL (models saved by `effspec run` remember theirs)")
+        original = load_model(spec)
+        if original.model.config.vocab_size != loaded.model.config.vocab_size:
+            raise UserError(f"--reference {spec}: vocabulary of {original.model.config.vocab_size} tokens, "
+                            f"but {args.model} has {loaded.model.config.vocab_size}")
+        reference = ev.build_reference(original.model, fingerprint(original.model))
+        del original
+    row = {"model": args.model, "data": args.data, **ev.measure(loaded.model, measures, reference), "env": environment()}
     _emit(args, _metrics_table(row), _flat(row))
 
 
@@ -238,6 +277,11 @@ def _add_measure_flags(p: argparse.ArgumentParser, windows: int | None = 32) -> 
     p.add_argument("--new-tokens", type=int, default=128, help="decode-speed new tokens (default: %(default)s)")
     p.add_argument("--prefill-tokens", type=int, default=2048, help="prefill-speed window (default: %(default)s)")
     p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up, median (default: %(default)s)")
+    p.add_argument("--tasks", help="zero-shot tasks to score: comma-separated names or 'all' (hellaswag, piqa, "
+                   "arc_easy, winogrande, boolq, lambada_openai)")
+    p.add_argument("--tasks-dir", help="local task files (layout of ../shared/data; default $EFFSPEC_TASKS_DIR, else the hub)")
+    p.add_argument("--limit", type=int, help="score a fixed seeded subset of N examples per task")
+    p.add_argument("--kld", action="store_true", help="KL divergence and top-1 agreement against the original model")
 
 
 def _common_flags(suppress: bool) -> argparse.ArgumentParser:
@@ -266,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", parents=[common], help="measure perplexity, speed, memory and size")
     p.add_argument("model")
     p.add_argument("--data", required=True)
-    p.add_argument("--measure", default="perplexity,speed,size", help="comma-separated (default: %(default)s)")
+    p.add_argument("--measure", default="perplexity,speed,size",
+                   help="comma-separated from perplexity, speed, size, tasks, kld (default: %(default)s)")
+    p.add_argument("--reference", help="original model for --kld (default: the one an effspec-saved MODEL came from)")
     _add_measure_flags(p)
     p.set_defaults(fn=cmd_eval)
 

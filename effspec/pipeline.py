@@ -21,7 +21,8 @@ import torch
 import effspec
 from effspec.data import TextSource, calibration_samples, calibration_tokens, eval_windows, load_text, text_digest, tokenize
 from effspec.errors import UserError
-from effspec.measure.perplexity import perplexity
+from effspec.measure.kld import KLDAccumulator, Reference, reference_path
+from effspec.measure.perplexity import TextNorm, perplexity
 from effspec.measure.size import size
 from effspec.measure.speed import speed
 from effspec.models import LoadedModel, fingerprint
@@ -42,6 +43,15 @@ class MeasureConfig:
     new_tokens: int = 128
     prefill_tokens: int = 2048
     runs: int = 5
+    tasks: tuple[str, ...] = ()  # zero-shot tasks to score; a recipe measuring "tasks" with none named scores all
+    tasks_dir: str | None = None  # local task files (shared/data layout); None: $EFFSPEC_TASKS_DIR or the hub
+    task_limit: int | None = None  # a seeded subset of this many examples per task
+    kld: bool = False  # also measure KL divergence to the input model, whatever the recipe lists
+
+    def measures_for(self, recipe: Recipe) -> tuple[str, ...]:
+        """The recipe's measures plus those the command line adds (--tasks, --kld)."""
+        extra = (("tasks",) if self.tasks else ()) + (("kld",) if self.kld else ())
+        return tuple(dict.fromkeys(recipe.measures + extra))
 
 
 class Evaluation:
@@ -57,10 +67,11 @@ class Evaluation:
         self.windows = eval_windows(self.ids, mcfg.seqlen, mcfg.windows)
         self._calib_ids: torch.Tensor | None = None
         self._loaded_sources: dict[str, TextSource] = {}
+        self._text_norm: TextNorm | None = None
 
     def result_key(self, model_fp: str, recipe: Recipe) -> str:
         """What determines a result: the input model, the recipe, how it is measured, and on what text."""
-        measure = {"measures": sorted(recipe.measures), **asdict(self.mcfg), "data": self.source.spec,
+        measure = {"measures": sorted(self.mcfg.measures_for(recipe)), **asdict(self.mcfg), "data": self.source.spec,
                    "data_digest": text_digest(self.source.eval_text), "threads": torch.get_num_threads()}
         if recipe.needs_calibration:
             source = self._calibration_source(recipe)
@@ -90,23 +101,78 @@ class Evaluation:
             ids = calibration_tokens(self.tokenizer, source, 0)
         return calibration_samples(ids, spec.samples, spec.seqlen, spec.seed)
 
-    def measure(self, model: torch.nn.Module, measures: tuple[str, ...]) -> dict:
+    # ---- the original's distributions, for KL divergence ----------------------------------------
+    def cached_reference(self, model_fp: str) -> Reference | None:
+        return Reference.load(reference_path(model_fp, self.windows))
+
+    def build_reference(self, model: torch.nn.Module, model_fp: str) -> Reference:
+        """Score the original model once on the eval windows, keeping its top-k (cached on disk)."""
+        reference = self.cached_reference(model_fp)
+        if reference is None:
+            reference = Reference()
+            perplexity(model, self.windows, observers=[reference.record])
+            reference.save(reference_path(model_fp, self.windows))
+        return reference
+
+    # ---- measuring ----------------------------------------------------------------------------
+    def measure(self, model: torch.nn.Module, measures: tuple[str, ...], reference: Reference | None = None,
+                model_fp: str | None = None) -> dict:
+        """Every requested figure of `model`. For "kld", `reference` is the original's distributions; when it is
+        None, `model` is the original itself (a recipe without steps) and is recorded as the reference."""
         row: dict = {}
-        if "perplexity" in measures:
-            p = perplexity(model, self.windows)
+        if "perplexity" in measures or "kld" in measures:
+            observers: list = []
+            recording = "kld" in measures and reference is None
+            if recording:
+                reference = Reference()
+                observers.append(reference.record)
+            if "kld" in measures:
+                kld = KLDAccumulator(reference)
+                observers.append(kld)
+            p = perplexity(model, self.windows, observers)
             row.update(perplexity=p.perplexity, eval_nll=p.nll, eval_tokens=p.eval_tokens,
-                       eval_windows=p.eval_windows, eval_seqlen=p.eval_seqlen)
+                       eval_windows=p.eval_windows, eval_seqlen=p.eval_seqlen, **self.text_norm.figures(p))
+            if "kld" in measures:
+                row.update(asdict(kld.result()))
+                if recording and model_fp:
+                    reference.save(reference_path(model_fp, self.windows))
         if "size" in measures:
             s = size(model)
             row.update({k: v for k, v in asdict(s).items() if k != "layer_sparsity"})
             if s.sparsity and s.sparsity > 0.01:  # pruned: say what each layer reached
                 row["layer_sparsity"] = s.layer_sparsity
+        if "tasks" in measures:
+            row.update(self.measure_tasks(model))
         if "speed" in measures:
             m = self.mcfg
             sp = speed(model, self.ids, m.prompt_tokens, m.new_tokens, m.prefill_tokens, m.runs)
             row.update(decode_tokens_per_s=sp.decode_tokens_per_s, prefill_tokens_per_s=sp.prefill_tokens_per_s,
                        peak_rss_bytes=sp.peak_rss_bytes, prompt_tokens=sp.prompt_tokens,
                        new_tokens=sp.new_tokens, prefill_tokens=sp.prefill_tokens, threads=sp.threads)
+        return row
+
+    @property
+    def text_norm(self) -> TextNorm:
+        if self._text_norm is None:
+            self._text_norm = TextNorm.of(self.tokenizer, self.windows)
+        return self._text_norm
+
+    def measure_tasks(self, model: torch.nn.Module) -> dict:
+        from effspec.measure.tasks import TASKS, evaluate_tasks
+
+        m = self.mcfg
+        results = evaluate_tasks(model, self.tokenizer, m.tasks or TASKS, Path(m.tasks_dir) if m.tasks_dir else None,
+                                 m.task_limit)
+        row: dict = {}
+        for name, r in results.items():
+            row[f"acc_{name}"] = r.acc
+            if r.acc_norm is not None:
+                row[f"acc_norm_{name}"] = r.acc_norm
+            if r.perplexity is not None:
+                row[f"{name}_perplexity"] = r.perplexity
+            row[f"{name}_n"] = r.n
+        row["tasks_avg_acc"] = sum(r.acc for r in results.values()) / len(results)
+        row["tasks_seconds"] = sum(r.seconds for r in results.values())
         return row
 
 
@@ -153,13 +219,19 @@ def run_recipe(loaded: LoadedModel, recipe: Recipe, ev: Evaluation, store: Store
     key = ev.result_key(model_fp, recipe)
     if store is not None and not force and save_to is None and (row := store.get(key)) is not None:
         return row, True
+    measures = ev.mcfg.measures_for(recipe)
+    reference = None
+    if "kld" in measures:  # the input model's distributions, before any step changes it
+        reference = ev.cached_reference(model_fp)
+        if reference is None and recipe.steps:
+            reference = ev.build_reference(loaded.model, model_fp)
     model = loaded.model
     t0 = time.perf_counter()
     model = apply_recipe(model, recipe, ev)
     apply_seconds = time.perf_counter() - t0
     row = {"recipe": recipe.name, "recipe_hash": recipe.hash, "recipe_yaml": recipe.text, "model": loaded.spec,
            "model_fingerprint": model_fp, "data": ev.source.spec, "steps": recipe.describe_steps(),
-           "apply_seconds": apply_seconds, **ev.measure(model, recipe.measures), "env": environment()}
+           "apply_seconds": apply_seconds, **ev.measure(model, measures, reference, model_fp), "env": environment()}
     if save_to is not None:
         from effspec.models import save_model
 

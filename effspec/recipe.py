@@ -4,7 +4,7 @@
     calibration: {data: PATH, samples: 32, seqlen: 2048, seed: 0}   # optional
     steps:                               # applied in order
       - rtn: {bits: 4, group_size: 64}
-    measure: [perplexity, speed, size]   # optional
+    measure: [perplexity, speed, size]   # optional; also tasks, kld
 
 Step names and fields are the registry's names and the config dataclasses'
 fields. A recipe's hash covers its steps with every config field filled in
@@ -25,7 +25,8 @@ from effspec.config import config_from_dict, config_to_dict, expect
 from effspec.errors import UserError
 from effspec.registry import get_step
 
-MEASURES = ("perplexity", "speed", "size")
+MEASURES = ("perplexity", "speed", "size", "tasks", "kld")
+DEFAULT_MEASURES = ("perplexity", "speed", "size")
 BUILTIN_DIR = Path(__file__).parent / "recipes"
 
 
@@ -45,7 +46,7 @@ class CalibrationSpec:
 class Recipe:
     name: str
     steps: tuple[tuple[str, object], ...]  # (registered step name, its frozen config)
-    measures: tuple[str, ...] = MEASURES
+    measures: tuple[str, ...] = DEFAULT_MEASURES
     calibration: CalibrationSpec = CalibrationSpec()
     text: str = ""  # the YAML as written, for reports
 
@@ -127,7 +128,7 @@ def parse_recipe(text: str, where: str, default_name: str = "recipe") -> Recipe:
             if field in field_lines:
                 at = f"{where}:{field_lines[field][0]}"
             raise UserError(f"{at}: steps[{i}].{step_name}.{e}") from None
-    measures = data.get("measure", list(MEASURES))
+    measures = data.get("measure", list(DEFAULT_MEASURES))
     if isinstance(measures, str):
         measures = [measures]
     if not isinstance(measures, list) or not all(m in MEASURES for m in measures):

@@ -1,12 +1,15 @@
-"""The spectrum report: one table, two Pareto plots, built from stored result rows only.
+"""The spectrum report: one table and its Pareto plots, built from stored result rows only.
 
 A row is the flat dict a measure returns (STYLE rule 10). The report never
 re-runs a model, so it can be rebuilt from the results store at any time and
 two reports from the same rows are identical apart from matplotlib's rendering.
 
-Outputs in `out_dir`: report.md, report.html, results.csv, ppl_vs_size.png and
-ppl_vs_decode.png. Each is written to a temporary name and `os.replace`d, so a
-killed run leaves the previous file or the new one, never half of one.
+Outputs in `out_dir`: report.md, report.html, results.csv, ppl_vs_size.png,
+ppl_vs_decode.png, and acc_vs_size.png when some row has task accuracies. Each
+is written to a temporary name and `os.replace`d, so a killed run leaves the
+previous file or the new one, never half of one. report.html is one standalone
+page (inline CSS and JS, plots as sibling files): it opens from disk, with no
+server and no network.
 """
 
 from __future__ import annotations
@@ -19,17 +22,20 @@ import json
 import logging
 import math
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from effspec.fsutil import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
+TASKS = ("hellaswag", "piqa", "arc_easy", "winogrande", "boolq", "lambada_openai")  # lm-eval task names
 # Column order of results.csv: the known row keys first, in this order, then any others sorted.
 KNOWN_KEYS = (
     "recipe", "recipe_hash", "recipe_yaml", "model", "model_fingerprint", "data", "steps",
-    "perplexity", "eval_windows", "eval_seqlen", "eval_tokens",
+    "perplexity", "eval_windows", "eval_seqlen", "eval_tokens", "word_perplexity", "bits_per_byte",
+    "kld_mean", "kld_p99", "top1_agreement",
+    "tasks_avg_acc", *(f"{m}_{t}" for t in TASKS for m in ("acc", "acc_norm")), "lambada_openai_perplexity",
     "stored_bytes", "params", "bits_per_param", "linear_stored_bytes", "linear_bits_per_param", "sparsity",
     "decode_tokens_per_s", "prefill_tokens_per_s", "peak_rss_bytes", "apply_seconds",
     "env", "created",
@@ -44,24 +50,26 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def pareto_front(points: list[tuple[float, float]], minimize_x: bool = True) -> list[int]:
-    """Indices of points on the Pareto frontier, minimizing y (perplexity) and minimizing x (size) or maximizing x (speed) when minimize_x=False. Points with None/NaN are never on it.
+def pareto_front(points: list[tuple[float, float]], minimize_x: bool = True, maximize_y: bool = False) -> list[int]:
+    """Indices of points on the Pareto frontier. Points with None/NaN/inf are never on it.
 
+    x is minimized (size) or, with minimize_x=False, maximized (speed); y is
+    minimized (perplexity) or, with maximize_y=True, maximized (accuracy).
     A point is on the frontier when no other point is at least as good on both
     axes and strictly better on one; exact duplicates therefore are both on it.
     Indices come back ordered along the frontier, best x first.
     """
-    sign = 1.0 if minimize_x else -1.0
+    sx, sy = (1.0 if minimize_x else -1.0), (-1.0 if maximize_y else 1.0)  # signs that turn both into minimizing
     # deviation: inf is excluded too, since a diverged run (ppl=inf) "winning" on size says nothing useful
     valid = [i for i, (x, y) in enumerate(points) if _finite(x) and _finite(y)]
-    valid.sort(key=lambda i: (sign * points[i][0], points[i][1]))
+    valid.sort(key=lambda i: (sx * points[i][0], sy * points[i][1]))
     front: list[int] = []
-    best_y = math.inf  # lowest y among points with strictly better x
-    for _, same_x in itertools.groupby(valid, key=lambda i: sign * points[i][0]):
-        group = list(same_x)  # sorted by y, so only the group's lowest y can survive
-        y_min = points[group[0]][1]
+    best_y = math.inf  # lowest signed y among points with strictly better x
+    for _, same_x in itertools.groupby(valid, key=lambda i: sx * points[i][0]):
+        group = list(same_x)  # sorted by signed y, so only the group's lowest can survive
+        y_min = sy * points[group[0]][1]
         if y_min < best_y:
-            front += [i for i in group if points[i][1] == y_min]
+            front += [i for i in group if sy * points[i][1] == y_min]
             best_y = y_min
     return front
 
@@ -73,40 +81,102 @@ def _fmt(v: Any, digits: int, scale: float = 1.0) -> str:
     return f"{v / scale:.{digits}f}"
 
 
+def _pct(v: Any) -> str:
+    """A fraction in [0, 1] as a percentage with one decimal."""
+    return _fmt(v * 100 if _finite(v) else v, 1)
+
+
+@dataclass(frozen=True)
+class _Axes:
+    """One Pareto plot and its frontier: y against x, each with the direction in which it is better."""
+
+    name: str  # PNG file name
+    label: str  # the frontier's name in the reports
+    short: str  # its name in the frontier column
+    x_key: str
+    x_label: str
+    x_div: float
+    minimize_x: bool
+    y_key: str
+    y_label: str
+    y_mul: float
+    maximize_y: bool
+    log_y: bool
+    always: bool  # written even when nothing is measured, so a report always has its two core plots
+
+
+_PPL_SIZE = _Axes(
+    name="ppl_vs_size.png", label="size", short="size",
+    x_key="stored_bytes", x_label="stored size (MB)", x_div=MB, minimize_x=True,
+    y_key="perplexity", y_label="perplexity (log scale, lower is better)", y_mul=1.0, maximize_y=False, log_y=True,
+    always=True,
+)  # fmt: skip
+PLOTS = (
+    _PPL_SIZE,
+    replace(_PPL_SIZE, name="ppl_vs_decode.png", label="decode speed", short="speed", x_key="decode_tokens_per_s",
+            x_label="decode speed (tokens/s, batch 1)", x_div=1.0, minimize_x=False),
+    replace(_PPL_SIZE, name="acc_vs_size.png", label="accuracy vs size", short="acc", y_key="tasks_avg_acc",
+            y_label="average task accuracy (%, higher is better)", y_mul=100.0, maximize_y=True, log_y=False,
+            always=False),
+)  # fmt: skip
+
+
+def _axes(rows: list[dict]) -> list[_Axes]:
+    """The plots this report has: the core ones, plus accuracy when some row measured it."""
+    return [a for a in PLOTS if a.always or any(_finite(r.get(a.y_key)) for r in rows)]
+
+
+def _front(rows: list[dict], a: _Axes) -> list[int]:
+    return pareto_front([(r.get(a.x_key), r.get(a.y_key)) for r in rows], a.minimize_x, a.maximize_y)
+
+
 @dataclass(frozen=True)
 class _Column:
     header: str
     value: Callable[[dict], Any]  # raw value, used for sorting in the HTML page
     text: Callable[[Any], str]
+    help: str = ""  # tooltip in the HTML page
+    optional: bool = False  # shown only when some row has a value, so a perplexity-only report keeps its shape
 
 
-def _columns() -> list[_Column]:
-    return [
-        _Column("recipe", lambda r: r.get("recipe"), lambda v: str(v) if v is not None else MISSING),
-        _Column("perplexity", lambda r: r.get("perplexity"), lambda v: _fmt(v, 2)),
-        _Column("Δ% vs baseline", lambda r: r["_delta"], lambda v: MISSING if v is None else f"{v:+.2f}%"),
-        _Column("stored MB", lambda r: r.get("stored_bytes"), lambda v: _fmt(v, 1, MB)),
-        _Column("bits/param", lambda r: r.get("bits_per_param"), lambda v: _fmt(v, 2)),
-        _Column("decode tok/s", lambda r: r.get("decode_tokens_per_s"), lambda v: _fmt(v, 1)),
-        _Column("prefill tok/s", lambda r: r.get("prefill_tokens_per_s"), lambda v: _fmt(v, 1)),
-        _Column("peak RSS MB", lambda r: r.get("peak_rss_bytes"), lambda v: _fmt(v, 1, MB)),
-        _Column("apply s", lambda r: r.get("apply_seconds"), lambda v: _fmt(v, 1)),
-        _Column("frontier (size / speed)", lambda r: r["_front"], str),
-    ]
+def _key(k: str) -> Callable[[dict], Any]:
+    return lambda r: r.get(k)
 
 
-def _annotate(rows: list[dict]) -> list[dict]:
+def _columns(table: list[dict], axes: list[_Axes]) -> list[_Column]:
+    f4 = lambda v: _fmt(v, 4)  # noqa: E731
+    cols = [
+        _Column("recipe", _key("recipe"), lambda v: str(v) if v is not None else MISSING),
+        _Column("perplexity", _key("perplexity"), lambda v: _fmt(v, 2), "token-level perplexity, lower is better"),
+        _Column("Δ% vs baseline", lambda r: r["_delta"], lambda v: MISSING if v is None else f"{v:+.2f}%",
+                "perplexity change against the recipe named baseline"),
+        _Column("bits/byte", _key("bits_per_byte"), f4, "lm-eval wikitext bits per byte, lower is better", True),
+        _Column("KLD mean", _key("kld_mean"), f4, "mean KL divergence to the original model (nats)", True),
+        _Column("KLD p99", _key("kld_p99"), f4, "99th percentile of per-token KL divergence (nats)", True),
+        _Column("top-1 agree %", _key("top1_agreement"), _pct, "tokens whose argmax matches the original", True),
+        _Column("avg acc %", _key("tasks_avg_acc"), _pct, "mean accuracy over the tasks measured", True),
+        *(_Column(f"{t} acc %", _key(f"acc_{t}"), _pct, f"lm-eval {t} accuracy", True) for t in TASKS),
+        _Column("stored MB", _key("stored_bytes"), lambda v: _fmt(v, 1, MB), "bytes stored, decimal MB"),
+        _Column("bits/param", _key("bits_per_param"), lambda v: _fmt(v, 2)),
+        _Column("decode tok/s", _key("decode_tokens_per_s"), lambda v: _fmt(v, 1), "batch 1, median of runs"),
+        _Column("prefill tok/s", _key("prefill_tokens_per_s"), lambda v: _fmt(v, 1)),
+        _Column("peak RSS MB", _key("peak_rss_bytes"), lambda v: _fmt(v, 1, MB)),
+        _Column("apply s", _key("apply_seconds"), lambda v: _fmt(v, 1), "seconds to apply the recipe's steps"),
+        _Column(f"frontier ({' / '.join(a.short for a in axes)})", lambda r: r["_front"], str,
+                "✓ when on that Pareto frontier"),
+    ]  # fmt: skip
+    return [c for c in cols if not c.optional or any(_finite(c.value(r)) for r in table)]
+
+
+def _annotate(rows: list[dict], axes: list[_Axes]) -> list[dict]:
     """Copies of rows sorted by perplexity, with Δ% vs baseline and frontier marks added."""
-    mb = [(r.get("stored_bytes"), r.get("perplexity")) for r in rows]
-    speed = [(r.get("decode_tokens_per_s"), r.get("perplexity")) for r in rows]
-    on_size, on_speed = set(pareto_front(mb)), set(pareto_front(speed, minimize_x=False))
+    on = [set(_front(rows, a)) for a in axes]
     base = next((r.get("perplexity") for r in rows if r.get("recipe") == BASELINE), None)
     out = []
     for i, r in enumerate(rows):
         ppl = r.get("perplexity")
         delta = 100.0 * (ppl - base) / base if _finite(ppl) and _finite(base) and base else None
-        front = f"{'✓' if i in on_size else '·'} / {'✓' if i in on_speed else '·'}"
-        out.append({**r, "_delta": delta, "_front": front})
+        out.append({**r, "_delta": delta, "_front": " / ".join("✓" if i in s else "·" for s in on)})
     out.sort(key=lambda r: (0, r["perplexity"]) if _finite(r.get("perplexity")) else (1, 0.0))
     return out
 
@@ -126,13 +196,13 @@ def _protocol(rows: list[dict]) -> str:
     return f"{_distinct(rows, 'model')} on {_distinct(rows, 'data')}, eval {windows} windows × {seqlen} tokens"
 
 
-def _label_above(xy: list[tuple[float, float]]) -> list[bool]:
+def _label_above(xy: list[tuple[float, float]], log_y: bool) -> list[bool]:
     """Whether each point's label goes above it: above when it sits higher than its nearest neighbour.
 
     Close pairs (the common clutter: w4 variants a few MB apart) then get one
     label above and one below instead of two overlapping ones.
     """
-    xs, ys = [x for x, _ in xy], [math.log(y) for _, y in xy]
+    xs, ys = [x for x, _ in xy], [math.log(y) if log_y else y for _, y in xy]
     sx, sy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
     above = []
     for i in range(len(xy)):
@@ -141,8 +211,8 @@ def _label_above(xy: list[tuple[float, float]]) -> list[bool]:
     return above
 
 
-def _plot(rows: list[dict], x_key: str, minimize_x: bool, title: str) -> bytes:
-    """PNG of perplexity (log y) against one x metric, frontier highlighted and joined by a step line.
+def _plot(rows: list[dict], a: _Axes, title: str) -> bytes:
+    """PNG of one y metric against one x metric, frontier highlighted and joined by a step line.
 
     Uses a bare Figure on an Agg canvas rather than pyplot: no global backend
     switch and no figure registry, so it is safe inside notebooks and threads.
@@ -151,30 +221,33 @@ def _plot(rows: list[dict], x_key: str, minimize_x: bool, title: str) -> bytes:
     from matplotlib.figure import Figure
     from matplotlib.ticker import LogFormatter
 
-    scale, xlabel = (MB, "stored size (MB)") if minimize_x else (1.0, "decode speed (tokens/s, batch 1)")
-    pts = [((r.get(x_key) / scale) if _finite(r.get(x_key)) else None, r.get("perplexity")) for r in rows]
-    front = pareto_front(pts, minimize_x)
-    shown = [i for i, (x, y) in enumerate(pts) if _finite(x) and _finite(y) and y > 0]
+    scaled = lambda v, k: v * k if _finite(v) else None  # noqa: E731
+    pts = [(scaled(r.get(a.x_key), 1 / a.x_div), scaled(r.get(a.y_key), a.y_mul)) for r in rows]
+    shown = [i for i, (x, y) in enumerate(pts) if _finite(x) and _finite(y) and (y > 0 or not a.log_y)]
+    front = [i for i in pareto_front(pts, a.minimize_x, a.maximize_y) if i in shown]
     fig = Figure(figsize=(8, 5.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("perplexity (log scale, lower is better)")
+    ax.set_xlabel(a.x_label)
+    ax.set_ylabel(a.y_label)
     ax.set_title(title, fontsize=10)
     if not shown:
         ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", color="grey")
     else:
-        ax.set_yscale("log")
-        # plain numbers (20, 30) rather than 2×10¹: perplexities usually span less than a decade
-        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
-        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        if a.log_y:
+            ax.set_yscale("log")
+            # plain numbers (20, 30) rather than 2×10¹: perplexities usually span less than a decade
+            ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         rest = [i for i in shown if i not in front]
         ax.scatter([pts[i][0] for i in rest], [pts[i][1] for i in rest], c="tab:blue", s=25, label="recipe")
         line = sorted((pts[i] for i in front), key=lambda p: p[0])
-        ax.step([p[0] for p in line], [p[1] for p in line], where="post" if minimize_x else "pre",
+        # the step traces the edge of the dominated region: flat until the next frontier point when
+        # smaller x is better, flat from the previous one when larger x is better
+        ax.step([p[0] for p in line], [p[1] for p in line], where="post" if a.minimize_x else "pre",
                 c="tab:red", lw=1, alpha=0.6)  # fmt: skip
         ax.scatter([p[0] for p in line], [p[1] for p in line], c="tab:red", marker="D", s=40, label="Pareto frontier")
-        for i, above in zip(shown, _label_above([pts[i] for i in shown])):
+        for i, above in zip(shown, _label_above([pts[i] for i in shown], a.log_y)):
             offset = (4, 4) if above else (4, -10)
             ax.annotate(str(rows[i].get("recipe")), pts[i], xytext=offset, textcoords="offset points", fontsize=7)
         ax.legend(fontsize=8)
@@ -198,86 +271,161 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _frontier_lines(table: list[dict]) -> list[str]:
-    """One line per frontier, recipes in frontier order (smallest / fastest first)."""
-    mb = [(r.get("stored_bytes"), r.get("perplexity")) for r in table]
-    speed = [(r.get("decode_tokens_per_s"), r.get("perplexity")) for r in table]
-    lines = []
-    for name, idx in (("size", pareto_front(mb)), ("decode speed", pareto_front(speed, minimize_x=False))):
-        names = " → ".join(str(table[i].get("recipe")) for i in idx) or "not measured"
-        lines.append(f"- **{name}**: {names}")
-    return lines
+def _frontier_lines(table: list[dict], axes: list[_Axes]) -> list[tuple[str, str]]:
+    """(frontier name, its recipes in frontier order, smallest / fastest first) per plot."""
+    return [(a.label, " → ".join(str(table[i].get("recipe")) for i in _front(table, a)) or "not measured")
+            for a in axes]  # fmt: skip
 
 
-def _markdown(table: list[dict], title: str, images: list[str]) -> str:
-    cols = _columns()
+def _markdown(table: list[dict], title: str, axes: list[_Axes]) -> str:
+    cols = _columns(table, axes)
     cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = [f"# {title}", "", _protocol(table), ""]
     lines.append("| " + " | ".join(c.header for c in cols) + " |")
     lines.append("|" + "|".join("---" if n == 0 else "---:" for n in range(len(cols))) + "|")
     for r in table:
         lines.append("| " + " | ".join(cell(c.text(c.value(r))) for c in cols) + " |")
-    lines += ["", *(f"![{name}]({name})\n" for name in images), "## Pareto frontier", "", *_frontier_lines(table)]
+    lines += ["", *(f"![{a.name}]({a.name})\n" for a in axes), "## Pareto frontier", ""]
+    lines += [f"- **{name}**: {names}" for name, names in _frontier_lines(table, axes)]
     return "\n".join(lines) + "\n"
 
 
-# Click a header to sort by it; cells carry their raw value in data-v, missing values sort last.
-_SORT_JS = """
-document.querySelectorAll("th").forEach((th, i) => th.addEventListener("click", () => {
-  const body = th.closest("table").tBodies[0], asc = th.dataset.asc !== "1";
-  th.dataset.asc = asc ? "1" : "0";
-  const key = r => { const v = r.cells[i].dataset.v; return v === "" ? null : (isNaN(+v) ? v : +v); };
-  [...body.rows].sort((a, b) => { const x = key(a), y = key(b);
-    if (x === null) return 1; if (y === null) return -1;
-    return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1); }).forEach(r => body.appendChild(r));
+# Header click sorts the recipes (one <tbody> each, so a row's details move with it); missing values sort
+# last either way. Row click shows or hides the details row under it.
+_JS = """
+const table = document.getElementById("spectrum"), heads = [...table.tHead.rows[0].cells];
+const key = (body, i) => { const v = body.rows[0].cells[i].dataset.v; return v === "" ? null : isNaN(+v) ? v : +v; };
+heads.forEach((th, i) => th.addEventListener("click", () => {
+  const asc = th.getAttribute("aria-sort") !== "ascending";
+  heads.forEach(h => h.removeAttribute("aria-sort"));
+  th.setAttribute("aria-sort", asc ? "ascending" : "descending");
+  [...table.tBodies].sort((a, b) => {
+    const x = key(a, i), y = key(b, i);
+    if (x === null || y === null) return (x === null) - (y === null);
+    const c = typeof x === "number" && typeof y === "number" ? x - y
+      : String(x).localeCompare(String(y), undefined, {numeric: true});
+    return asc ? c : -c;
+  }).forEach(body => table.appendChild(body));
 }));
+const show = (body, open) => {
+  body.rows[1].hidden = !open;
+  body.querySelector(".toggle").setAttribute("aria-expanded", String(open));
+};
+for (const body of table.tBodies) body.rows[0].addEventListener("click", () => show(body, body.rows[1].hidden));
+const all = document.getElementById("expand-all");
+all.addEventListener("click", () => {
+  const open = all.textContent === "expand all";
+  for (const body of table.tBodies) show(body, open);
+  all.textContent = open ? "collapse all" : "expand all";
+});
 """
-_CSS = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{cursor:pointer;background:#f4f4f4}"
-        "td:first-child{text-align:left}img{max-width:48%}pre{background:#f8f8f8;padding:8px}")  # fmt: skip
+_CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:1.5em 2em;color:#222;background:#fff}
+h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.15em;margin:1.6em 0 .5em}h3{font-size:1em;margin:.4em 0}
+.meta,.hint{color:#555}.scroll{overflow-x:auto}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums}
+th,td{border:1px solid #ddd;padding:4px 8px;text-align:right;white-space:nowrap}
+th:first-child,td:first-child{text-align:left}
+thead th{background:#f1f3f5;position:sticky;top:0}
+th button,.toggle{all:unset;cursor:pointer}th button:focus-visible,.toggle:focus-visible{outline:2px solid #3b82f6}
+th[aria-sort=ascending] button::after{content:" ▲"}th[aria-sort=descending] button::after{content:" ▼"}
+tbody>tr:first-child{cursor:pointer}tbody>tr:first-child:hover{background:#eef4ff}
+.toggle::before{content:"▸ ";color:#888}.toggle[aria-expanded=true]::before{content:"▾ "}
+tr.detail>td{background:#fafbfc;text-align:left;white-space:normal}
+.panes{display:flex;flex-wrap:wrap;gap:1em}.panes section{flex:1 1 20em;min-width:0}
+pre{background:#fff;border:1px solid #e3e3e3;padding:8px;margin:0;overflow:auto;max-height:28em}
+.plots{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0;flex:1 1 440px;max-width:960px}
+figure img{width:100%;height:auto;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
+"""
 
 
-def _html(table: list[dict], title: str, images: list[str]) -> str:
+def _pretty(d: Any) -> str:
+    """A dict as aligned `key  value` lines (nested values as JSON); anything else as text."""
+    if d is None or d == {}:
+        return MISSING
+    if not isinstance(d, dict):
+        return str(d)
+    width = max(len(str(k)) for k in d)
+    shown = lambda v: MISSING if v is None else json.dumps(v, default=str) if isinstance(v, (dict, list)) else v  # noqa: E731
+    return "\n".join(f"{k!s:<{width}}  {shown(v)}" for k, v in d.items())
+
+
+def _sort_value(raw: Any) -> str:
+    """A cell's data-v: numbers as JS reads them, missing as empty (sorted last)."""
+    if raw is None or (isinstance(raw, float) and math.isnan(raw)):
+        return ""
+    if isinstance(raw, float) and math.isinf(raw):
+        return "Infinity" if raw > 0 else "-Infinity"
+    return str(raw)
+
+
+def _html_row(n: int, r: dict, cols: list[_Column]) -> str:
+    """One recipe's <tbody>: its table row, then a hidden row with YAML, environment and every stored value."""
     e = html.escape
-    cols = _columns()
-    head = "".join(f"<th>{e(c.header)}</th>" for c in cols)
-    body = []
-    for r in table:
-        cells = []
-        for c in cols:
-            raw = c.value(r)
-            sort = "" if raw is None or (isinstance(raw, float) and math.isnan(raw)) else str(raw)
-            cells.append(f'<td data-v="{e(sort)}">{e(c.text(raw))}</td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    imgs = "\n".join(f'<img src="{e(name)}" alt="{e(name)}">' for name in images)
-    yamls = "\n".join(
-        f"<details><summary>{e(str(r.get('recipe')))} <code>{e(str(r.get('steps') or ''))}</code></summary>"
-        f"<pre>{e(str(r.get('recipe_yaml') or ''))}</pre></details>"
-        for r in table
+    cells = [f'<td data-v="{e(_sort_value(c.value(r)))}">{e(c.text(c.value(r)))}</td>' for c in cols]
+    cells[0] = (f'<td data-v="{e(_sort_value(r.get("recipe")))}"><button type="button" class="toggle" '
+                f'aria-expanded="false" aria-controls="d{n}">{e(cols[0].text(r.get("recipe")))}</button></td>')
+    values = {k: v for k, v in r.items() if not k.startswith("_") and k not in ("recipe_yaml", "env") and v is not None}
+    panes = (("recipe YAML", r.get("recipe_yaml") or MISSING), ("environment", _pretty(r.get("env"))),
+             ("stored values", _pretty(values)))  # fmt: skip
+    detail = "".join(f"<section><h3>{name}</h3><pre>{e(str(text))}</pre></section>" for name, text in panes)
+    return (f'<tbody><tr>{"".join(cells)}</tr>\n<tr class="detail" id="d{n}" hidden><td colspan="{len(cols)}">'
+            f'<div class="panes">{detail}</div></td></tr></tbody>')
+
+
+def _th(c: _Column) -> str:
+    """A header cell: a button that sorts, the help as tooltip; the table starts sorted by perplexity."""
+    e = html.escape
+    sort = ' aria-sort="ascending"' if c.header == "perplexity" else ""
+    tip = f' title="{e(c.help)}"' if c.help else ""
+    return f'<th{sort}{tip}><button type="button">{e(c.header)}</button></th>'
+
+
+def _html(table: list[dict], title: str, axes: list[_Axes]) -> str:
+    e = html.escape
+    cols = _columns(table, axes)
+    head = "".join(_th(c) for c in cols)
+    body = "\n".join(_html_row(n, r, cols) for n, r in enumerate(table))
+    figs = "\n".join(
+        f'<figure><a href="{e(a.name)}"><img src="{e(a.name)}" alt="{e(a.y_label)} against {e(a.x_label)}" '
+        f'width="960" height="660"></a><figcaption>{e(a.name)}: Pareto frontier by {e(a.label)}</figcaption></figure>'
+        for a in axes
     )
-    front = "".join(f"<li>{e(line[2:].replace('**', ''))}</li>" for line in _frontier_lines(table))
+    front = "".join(f"<li><b>{e(name)}</b>: {e(names)}</li>" for name, names in _frontier_lines(table, axes))
     return (
-        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{e(title)}</title><style>{_CSS}</style></head>\n'
-        f"<body><h1>{e(title)}</h1><p>{e(_protocol(table))}</p>\n"
-        f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(body) + "\n</tbody></table>\n"
-        f"<p>{imgs}</p>\n<h2>Pareto frontier</h2><ul>{front}</ul>\n<h2>Recipes</h2>\n{yamls}\n"
-        f"<script>{_SORT_JS}</script></body></html>\n"
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f'<title>{e(title)}</title>\n<link rel="icon" href="data:,">\n<style>{_CSS}</style>\n'
+        "<noscript><style>tr.detail[hidden]{display:table-row}</style></noscript>\n</head>\n<body>\n"
+        f'<h1>{e(title)}</h1>\n<p class="meta">{e(_protocol(table))} · {len(table)} recipes</p>\n'
+        '<p class="hint">Click a column header to sort; click a recipe to show its YAML, environment and every '
+        'stored value. <button type="button" id="expand-all">expand all</button></p>\n'
+        f'<div class="scroll"><table id="spectrum">\n<thead><tr>{head}</tr></thead>\n{body}\n</table></div>\n'
+        f'<h2>Plots</h2>\n<div class="plots">\n{figs}\n</div>\n<h2>Pareto frontier</h2>\n<ul>{front}</ul>\n'
+        f"<script>{_JS}</script>\n</body>\n</html>\n"
     )
 
 
 def write_report(rows: list[dict], out_dir: pathlib.Path, title: str = "effspec spectrum") -> list[pathlib.Path]:
-    """Writes out_dir/report.md, report.html, results.csv, ppl_vs_size.png, ppl_vs_decode.png; returns the paths."""
+    """Writes out_dir/report.md, report.html, results.csv and the plots; returns the paths.
+
+    The plots are ppl_vs_size.png and ppl_vs_decode.png, and acc_vs_size.png
+    when some row has tasks_avg_acc (a stale one from an earlier report is removed).
+    """
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = _annotate(rows)
+    axes = _axes(rows)
+    table = _annotate(rows, axes)
     plot_title = f"{title}\n{_protocol(table)}"
-    images = {"ppl_vs_size.png": ("stored_bytes", True), "ppl_vs_decode.png": ("decode_tokens_per_s", False)}
-    paths = {name: out_dir / name for name in ("report.md", "report.html", "results.csv", *images)}
+    paths = {name: out_dir / name for name in ("report.md", "report.html", "results.csv", *(a.name for a in axes))}
     # Plots first, so the md/html never link to an image that a killed run did not write.
-    for name, (x_key, minimize_x) in images.items():
-        atomic_write_bytes(paths[name], _plot(rows, x_key, minimize_x, plot_title))
+    for a in axes:
+        atomic_write_bytes(paths[a.name], _plot(rows, a, plot_title))
     atomic_write_text(paths["results.csv"], _csv(rows))
-    atomic_write_text(paths["report.md"], _markdown(table, title, list(images)))
-    atomic_write_text(paths["report.html"], _html(table, title, list(images)))
+    atomic_write_text(paths["report.md"], _markdown(table, title, axes))
+    atomic_write_text(paths["report.html"], _html(table, title, axes))
+    for a in PLOTS:
+        if a not in axes:
+            (out_dir / a.name).unlink(missing_ok=True)
     log.info("wrote report for %d rows to %s", len(rows), out_dir)
     return list(paths.values())

@@ -10,7 +10,7 @@ import yaml
 
 from effspec.config import config_from_dict, config_to_dict
 from effspec.errors import UserError
-from effspec.recipe import MEASURES, CalibrationSpec, builtin_recipes, load_recipe, parse_recipe
+from effspec.recipe import DEFAULT_MEASURES as MEASURES, CalibrationSpec, builtin_recipes, load_recipe, parse_recipe
 from effspec.registry import all_steps
 from effspec.steps.prune.magnitude import MagnitudeConfig
 from effspec.steps.quantize.rtn import RTNConfig
