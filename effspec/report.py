@@ -23,7 +23,7 @@ import logging
 import math
 import pathlib
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from effspec.fsutil import atomic_write_bytes, atomic_write_text
 
@@ -43,6 +43,7 @@ KNOWN_KEYS = (
 MB = 1e6  # decimal megabytes, as file sizes and model cards count them
 BASELINE = "baseline"
 MISSING = "—"
+FIG_INCHES, DPI = (8.0, 5.5), 120  # plots are 960 × 660 px
 
 
 def _finite(v: Any) -> bool:
@@ -50,7 +51,7 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def pareto_front(points: list[tuple[float, float]], minimize_x: bool = True, maximize_y: bool = False) -> list[int]:
+def pareto_front(points: Sequence[tuple[Any, Any]], minimize_x: bool = True, maximize_y: bool = False) -> list[int]:
     """Indices of points on the Pareto frontier. Points with None/NaN/inf are never on it.
 
     x is minimized (size) or, with minimize_x=False, maximized (speed); y is
@@ -188,12 +189,17 @@ def _distinct(rows: list[dict], key: str) -> str:
 
 
 def _protocol(rows: list[dict]) -> str:
-    """Model, data and eval protocol; perplexities are only comparable when these agree."""
+    """Model, data, eval protocol and tasks; metrics are only comparable when these agree."""
     windows, seqlen = _distinct(rows, "eval_windows"), _distinct(rows, "eval_seqlen")
     if "," in windows or "," in seqlen:
         log.warning("rows use different eval protocols (windows %s, seqlen %s): perplexities not comparable",
                     windows, seqlen)  # fmt: skip
-    return f"{_distinct(rows, 'model')} on {_distinct(rows, 'data')}, eval {windows} windows × {seqlen} tokens"
+    text = f"{_distinct(rows, 'model')} on {_distinct(rows, 'data')}, eval {windows} windows × {seqlen} tokens"
+    tasks = [t for t in TASKS if any(_finite(r.get(f"acc_{t}")) for r in rows)]
+    averaged = {tuple(t for t in tasks if _finite(r.get(f"acc_{t}"))) for r in rows if _finite(r.get("tasks_avg_acc"))}
+    if len(averaged) > 1:
+        log.warning("rows average accuracy over different task sets %s: avg acc not comparable", sorted(averaged))
+    return text + (f"; tasks {', '.join(tasks)}" if tasks else "")
 
 
 def _label_above(xy: list[tuple[float, float]], log_y: bool) -> list[bool]:
@@ -221,11 +227,13 @@ def _plot(rows: list[dict], a: _Axes, title: str) -> bytes:
     from matplotlib.figure import Figure
     from matplotlib.ticker import LogFormatter
 
-    scaled = lambda v, k: v * k if _finite(v) else None  # noqa: E731
-    pts = [(scaled(r.get(a.x_key), 1 / a.x_div), scaled(r.get(a.y_key), a.y_mul)) for r in rows]
-    shown = [i for i, (x, y) in enumerate(pts) if _finite(x) and _finite(y) and (y > 0 or not a.log_y)]
-    front = [i for i in pareto_front(pts, a.minimize_x, a.maximize_y) if i in shown]
-    fig = Figure(figsize=(8, 5.5), dpi=120)
+    raw: list[tuple[Any, Any]] = [(r.get(a.x_key), r.get(a.y_key)) for r in rows]
+    plottable = lambda x, y: _finite(x) and _finite(y) and (y > 0 or not a.log_y)  # noqa: E731
+    # row index -> plotted point, for the rows that have one
+    pts = {i: (x / a.x_div, y * a.y_mul) for i, (x, y) in enumerate(raw) if plottable(x, y)}
+    shown = list(pts)
+    front = [i for i in pareto_front(raw, a.minimize_x, a.maximize_y) if i in pts]
+    fig = Figure(figsize=FIG_INCHES, dpi=DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.set_xlabel(a.x_label)
@@ -240,7 +248,8 @@ def _plot(rows: list[dict], a: _Axes, title: str) -> bytes:
             ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
             ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         rest = [i for i in shown if i not in front]
-        ax.scatter([pts[i][0] for i in rest], [pts[i][1] for i in rest], c="tab:blue", s=25, label="recipe")
+        if rest:
+            ax.scatter([pts[i][0] for i in rest], [pts[i][1] for i in rest], c="tab:blue", s=25, label="recipe")
         line = sorted((pts[i] for i in front), key=lambda p: p[0])
         # the step traces the edge of the dominated region: flat until the next frontier point when
         # smaller x is better, flat from the previous one when larger x is better
@@ -254,7 +263,7 @@ def _plot(rows: list[dict], a: _Axes, title: str) -> bytes:
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", dpi=DPI)  # explicit: a matplotlibrc savefig.dpi would change the size
     return buf.getvalue()
 
 
@@ -277,10 +286,10 @@ def _frontier_lines(table: list[dict], axes: list[_Axes]) -> list[tuple[str, str
             for a in axes]  # fmt: skip
 
 
-def _markdown(table: list[dict], title: str, axes: list[_Axes]) -> str:
+def _markdown(table: list[dict], title: str, axes: list[_Axes], protocol: str) -> str:
     cols = _columns(table, axes)
     cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = [f"# {title}", "", _protocol(table), ""]
+    lines = [f"# {title}", "", protocol, ""]
     lines.append("| " + " | ".join(c.header for c in cols) + " |")
     lines.append("|" + "|".join("---" if n == 0 else "---:" for n in range(len(cols))) + "|")
     for r in table:
@@ -324,17 +333,18 @@ body{font:14px/1.45 system-ui,sans-serif;margin:1.5em 2em;color:#222;background:
 h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.15em;margin:1.6em 0 .5em}h3{font-size:1em;margin:.4em 0}
 .meta,.hint{color:#555}.scroll{overflow-x:auto}
 table{border-collapse:collapse;font-variant-numeric:tabular-nums}
-th,td{border:1px solid #ddd;padding:4px 8px;text-align:right;white-space:nowrap}
+th,td{border:1px solid #ddd;padding:4px 7px;text-align:right;white-space:nowrap}
 th:first-child,td:first-child{text-align:left}
-thead th{background:#f1f3f5;position:sticky;top:0}
+thead th{background:#f1f3f5;white-space:normal;vertical-align:bottom;min-width:5.5em}thead th:last-child{min-width:9em}
 th button,.toggle{all:unset;cursor:pointer}th button:focus-visible,.toggle:focus-visible{outline:2px solid #3b82f6}
 th[aria-sort=ascending] button::after{content:" ▲"}th[aria-sort=descending] button::after{content:" ▼"}
 tbody>tr:first-child{cursor:pointer}tbody>tr:first-child:hover{background:#eef4ff}
 .toggle::before{content:"▸ ";color:#888}.toggle[aria-expanded=true]::before{content:"▾ "}
 tr.detail>td{background:#fafbfc;text-align:left;white-space:normal}
-.panes{display:flex;flex-wrap:wrap;gap:1em}.panes section{flex:1 1 20em;min-width:0}
+.panes{display:flex;flex-wrap:wrap;gap:1em;position:sticky;left:8px;max-width:calc(100vw - 6em)}
+.panes section{flex:1 1 20em;min-width:0}
 pre{background:#fff;border:1px solid #e3e3e3;padding:8px;margin:0;overflow:auto;max-height:28em}
-.plots{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0;flex:1 1 440px;max-width:960px}
+.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,440px),1fr));gap:1em}figure{margin:0}
 figure img{width:100%;height:auto;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
 """
 
@@ -346,8 +356,11 @@ def _pretty(d: Any) -> str:
     if not isinstance(d, dict):
         return str(d)
     width = max(len(str(k)) for k in d)
-    shown = lambda v: MISSING if v is None else json.dumps(v, default=str) if isinstance(v, (dict, list)) else v  # noqa: E731
-    return "\n".join(f"{k!s:<{width}}  {shown(v)}" for k, v in d.items())
+
+    def text(v: Any) -> Any:
+        return MISSING if v is None else json.dumps(v, default=str) if isinstance(v, (dict, list)) else v
+
+    return "\n".join(f"{k!s:<{width}}  {text(v)}" for k, v in d.items())
 
 
 def _sort_value(raw: Any) -> str:
@@ -381,14 +394,15 @@ def _th(c: _Column) -> str:
     return f'<th{sort}{tip}><button type="button">{e(c.header)}</button></th>'
 
 
-def _html(table: list[dict], title: str, axes: list[_Axes]) -> str:
+def _html(table: list[dict], title: str, axes: list[_Axes], protocol: str) -> str:
     e = html.escape
     cols = _columns(table, axes)
     head = "".join(_th(c) for c in cols)
+    size = f'width="{round(FIG_INCHES[0] * DPI)}" height="{round(FIG_INCHES[1] * DPI)}"'
     body = "\n".join(_html_row(n, r, cols) for n, r in enumerate(table))
     figs = "\n".join(
-        f'<figure><a href="{e(a.name)}"><img src="{e(a.name)}" alt="{e(a.y_label)} against {e(a.x_label)}" '
-        f'width="960" height="660"></a><figcaption>{e(a.name)}: Pareto frontier by {e(a.label)}</figcaption></figure>'
+        f'<figure><a href="{e(a.name)}"><img src="{e(a.name)}" alt="{e(a.y_label)} against {e(a.x_label)}" {size}>'
+        f"</a><figcaption>{e(a.name)}: Pareto frontier by {e(a.label)}</figcaption></figure>"
         for a in axes
     )
     front = "".join(f"<li><b>{e(name)}</b>: {e(names)}</li>" for name, names in _frontier_lines(table, axes))
@@ -397,7 +411,7 @@ def _html(table: list[dict], title: str, axes: list[_Axes]) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f'<title>{e(title)}</title>\n<link rel="icon" href="data:,">\n<style>{_CSS}</style>\n'
         "<noscript><style>tr.detail[hidden]{display:table-row}</style></noscript>\n</head>\n<body>\n"
-        f'<h1>{e(title)}</h1>\n<p class="meta">{e(_protocol(table))} · {len(table)} recipes</p>\n'
+        f'<h1>{e(title)}</h1>\n<p class="meta">{e(protocol)} · {len(table)} recipes</p>\n'
         '<p class="hint">Click a column header to sort; click a recipe to show its YAML, environment and every '
         'stored value. <button type="button" id="expand-all">expand all</button></p>\n'
         f'<div class="scroll"><table id="spectrum">\n<thead><tr>{head}</tr></thead>\n{body}\n</table></div>\n'
@@ -416,14 +430,15 @@ def write_report(rows: list[dict], out_dir: pathlib.Path, title: str = "effspec 
     out_dir.mkdir(parents=True, exist_ok=True)
     axes = _axes(rows)
     table = _annotate(rows, axes)
-    plot_title = f"{title}\n{_protocol(table)}"
+    protocol = _protocol(table)
+    plot_title = f"{title}\n{protocol}"
     paths = {name: out_dir / name for name in ("report.md", "report.html", "results.csv", *(a.name for a in axes))}
     # Plots first, so the md/html never link to an image that a killed run did not write.
     for a in axes:
         atomic_write_bytes(paths[a.name], _plot(rows, a, plot_title))
     atomic_write_text(paths["results.csv"], _csv(rows))
-    atomic_write_text(paths["report.md"], _markdown(table, title, axes))
-    atomic_write_text(paths["report.html"], _html(table, title, axes))
+    atomic_write_text(paths["report.md"], _markdown(table, title, axes, protocol))
+    atomic_write_text(paths["report.html"], _html(table, title, axes, protocol))
     for a in PLOTS:
         if a not in axes:
             (out_dir / a.name).unlink(missing_ok=True)

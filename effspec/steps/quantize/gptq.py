@@ -1,0 +1,188 @@
+"""GPTQ: layer-wise quantization with second-order error compensation (Frantar et al., ICLR 2023).
+
+For a linear layer with weight W (out, in) and calibration inputs X (in, tokens),
+GPTQ minimizes the layer's output error ||W X - Q X||^2 column by column
+(Algorithm 1): with H = 2 X X^T (the Hessian of that error), quantize column j,
+then spread its rounding error over the columns not yet quantized,
+
+    err = (w_j - q_j) / [H^-1]_jj,    W[:, j+1:] -= err [H^-1]_{j, j+1:}
+
+using the upper Cholesky factor of H^-1 ("Cholesky reformulation", Sec. 3.3)
+and applying the updates lazily in blocks of `block_size` columns ("lazy batch
+updates"). H is damped by `dampening` times its mean diagonal. With
+`act_order` columns are visited in order of decreasing diag(H) (the
+"desc_act" heuristic of the reference code); group parameters are then computed
+from the original weights ("static groups") so every group stays contiguous in
+storage.
+
+`apply` runs calibration block by block (`effspec.calibrate`): inside each block
+the layers that read the same input (q/k/v, gate/up) are quantized together and
+the next ones see the already-quantized outputs ("true sequential").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from effspec.calibrate import block_forward, run_blocks
+from effspec.config import expect
+from effspec.layers import QuantLinear
+from effspec.quant import SUPPORTED_BITS, Grid, grid_params
+from effspec.registry import register
+from effspec.surgery import linear_layers, replace_module
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    bits: int = 4
+    group_size: int = 64  # 64, not the paper's 128: smollm2's width 576 is not a multiple of 128
+    symmetric: bool = True
+    act_order: bool = True  # desc_act, with static groups
+    dampening: float = 0.01  # "percdamp" of the reference code: 1% of the mean diagonal of H
+    block_size: int = 128  # lazy-batch width (the paper's B = 128)
+    true_sequential: bool = True
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self):
+        expect(self.bits in SUPPORTED_BITS, "bits", self.bits, f"one of {SUPPORTED_BITS}")
+        expect(self.group_size >= 0, "group_size", self.group_size, "0 (per-channel) or a positive divisor of the input width")
+        expect(0 < self.dampening < 1, "dampening", self.dampening, "a fraction in (0, 1)")
+        expect(self.block_size >= 1, "block_size", self.block_size, "a positive number of columns")
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.bits, self.group_size, self.symmetric)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, group: int, cfg: GPTQConfig):
+    """GPTQ codes for W (out, in) given H (in, in); returns (q uint8 (out, in), scale, minimum (out, in/group))."""
+    W = W.float().clone()
+    H = H.float().clone()
+    out, n = W.shape
+    dead = torch.diag(H) == 0  # inputs never active: any value works, zero them
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    scale, minimum = grid_params(W, grid, group)  # static groups: from the original weights
+    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(n)
+    W, H = W[:, perm], H[perm][:, perm]
+    col_group = perm // group  # the group each (permuted) column belongs to
+    H += cfg.dampening * torch.mean(torch.diag(H)) * torch.eye(n)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, n, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, n)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            w, d, g = W1[:, i], Hinv1[i, i], col_group[i1 + i]
+            q = torch.clamp(torch.round((w - minimum[:, g]) / scale[:, g]), 0, grid.maxq)
+            Q[:, i1 + i] = q
+            err = (w - (q * scale[:, g] + minimum[:, g])) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    q = torch.empty_like(Q)
+    q[:, perm] = Q
+    return q.to(torch.uint8), scale, minimum
+
+
+class _Hessian:
+    """Running H = 2/N sum x x^T over every token a linear layer sees (the reference code's update)."""
+
+    def __init__(self, n: int):
+        self.H = torch.zeros(n, n)
+        self.tokens = 0
+
+    def add(self, module, inputs, output) -> None:
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+        t = x.shape[0]
+        self.H *= self.tokens / (self.tokens + t)
+        self.tokens += t
+        x = x * (2 / self.tokens) ** 0.5
+        self.H += x.t() @ x
+
+
+class _Stop(Exception):
+    """Ends a block's forward pass once the layers being calibrated have seen their inputs."""
+
+
+def _raise_stop(*_):
+    raise _Stop
+
+
+def _run_until(block: nn.Module, xs: list[torch.Tensor], kwargs: dict, last: nn.Module | None) -> None:
+    """Run every calibration input through `block`, stopping after `last` runs (None: the whole block)."""
+    stop = last.register_forward_hook(_raise_stop) if last is not None else None
+    try:
+        with torch.inference_mode():
+            for x in xs:
+                try:
+                    block_forward(block, x, kwargs)
+                except _Stop:
+                    pass
+    finally:
+        if stop is not None:
+            stop.remove()
+
+
+def _input_groups(block: nn.Module, names: list[str], xs: list[torch.Tensor], kwargs: dict) -> list[list[str]]:
+    """Layers in the order the block runs them, grouped by the input tensor they share (q/k/v, gate/up)."""
+    order: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps their ids from being reused
+    hooks = [block.get_submodule(n).register_forward_hook(
+        lambda m, i, o, n=n: order.append((n, i[0]))) for n in names]
+    try:
+        _run_until(block, xs[:1], kwargs, None)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    seen_inputs: dict[int, int] = {}
+    for name, x in order:
+        key = id(x)
+        if name in (n for g in groups for n in g):
+            continue
+        if key in seen_inputs:
+            groups[seen_inputs[key]].append(name)
+        else:
+            seen_inputs[key] = len(groups)
+            groups.append([name])
+    return groups
+
+
+@register("gptq", family="quantize", stage="inference", config=GPTQConfig, calibration=True)
+def apply(model: nn.Module, cfg: GPTQConfig, calib=None) -> nn.Module:
+    targets = linear_layers(model, cfg.targets, cfg.ignore)
+    for name, lin in targets.items():  # check every shape before any work
+        cfg.grid.group_for(lin.in_features, name)
+    if calib is None:
+        raise ValueError("gptq needs calibration data")
+    block_names = {id(m): n for n, m in model.named_modules()}
+
+    def process(i: int, block: nn.Module, xs: list[torch.Tensor], kwargs: dict) -> None:
+        prefix = block_names[id(block)] + "."
+        names = [n for n in linear_layers(block, ("*",), ()) if prefix + n in targets]
+        groups = _input_groups(block, names, xs, kwargs) if cfg.true_sequential else [names]
+        for group in groups:
+            stats = {n: _Hessian(block.get_submodule(n).in_features) for n in group}
+            hooks = [block.get_submodule(n).register_forward_hook(stats[n].add) for n in group]
+            try:  # the group's last layer ends the pass: later sublayers don't need running yet
+                _run_until(block, xs, kwargs, block.get_submodule(group[-1]) if cfg.true_sequential else None)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for n in group:
+                lin = block.get_submodule(n)
+                q, scale, minimum = gptq_quantize(lin.weight.detach(), stats[n].H, cfg.grid,
+                                                  cfg.grid.group_for(lin.in_features, n), cfg)
+                replace_module(block, n, QuantLinear.from_codes(q, scale, minimum, cfg.grid, lin.bias))
+        log.info("gptq: block %d quantized (%d layers)", i, len(names))
+
+    run_blocks(model, calib, process)
+    return model
