@@ -2,9 +2,11 @@
 
 `run_recipe` is what `effspec run` and each point of `effspec spectrum` do:
 derive the result key, reuse a stored row if there is one, otherwise apply the
-recipe's steps to a fresh copy of the model (with calibration drawn as the
-contract says), check the result is finite, measure it, store the row, and
-optionally save the model.
+recipe's steps to the model in place (with calibration drawn as the contract
+says), check the result is finite, measure it, store the row, and optionally
+save the model. `Evaluation` holds what every recipe on one model shares: the
+tokenized data, eval windows, calibration tokens and the original model's
+distributions for KL divergence.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ probabilities of 65,536 positions would take 13 GB.
 # deviation: with only P's top-k kept, the remaining vocabulary is merged into one
 # "tail" outcome on both sides, KL ~= sum_{v in topk} P(v) log(P(v)/Q(v)) + P_tail log(P_tail/Q_tail).
 # Merging outcomes never increases KL (log-sum inequality), so this is a lower
-# bound that is exact when the top-k carry all of P's mass; k=64 holds >0.99 of
-# it on typical text.
+# bound that is exact when the top-k carry all of P's mass. On smollm2-135m over
+# WikiText-2 windows the top 64 hold ~84.5% of it (measured; reported per run as
+# `reference_mass`), so figures are a lower bound, comparable between settings.
 """
 
 from __future__ import annotations

@@ -25,11 +25,16 @@ empty context is the BOS token (else EOS). A choice's loglikelihood is the sum
 of log-softmax over its continuation tokens; acc takes the argmax, acc_norm the
 argmax of loglikelihood / len(choice) in characters.
 
-Speed: the choices of one example share a token prefix (the context; for
-WinoGrande the sentence up to the blank). It is run once, its KV cache is
-repeated for the choices, and only the differing tails run as one batch, with
-the LM head applied to the continuation positions only. Right-padding the
-tails changes nothing: causal attention never looks ahead.
+Speed: the choices of one example share a token prefix (the context, often
+more; for WinoGrande the sentence up to the blank), so each example becomes a
+token tree: the prefix once, then each distinct tail, with an attention mask
+that lets a tail see only the prefix and itself and position ids that restart
+where the prefix ends. Consecutive trees are packed into one sequence of about
+PACK_TOKENS tokens (block-diagonal mask), no padding, and the LM head runs only
+on the positions that score a continuation. Each row sees exactly the tokens a
+batch-1 forward of `context + continuation` sees, so only float rounding differs
+(~1e-5 in a loglikelihood). On smollm2-135m, one CPU thread, this does about
+half the token-forwards of one forward per choice (see PACK_TOKENS).
 
 Data: `load_task` reads the local layouts of shared/data (see its docstring), or
 the hub datasets lm-eval uses when HF `datasets` is installed and no directory is given.
@@ -151,13 +156,17 @@ FROM_HUB: dict[str, Callable[[dict], Example]] = {
 
 # ---- local layouts -------------------------------------------------------------------------------
 def _lines(path: Path) -> list[str]:
+    """The file's lines, split on "\n" only (str.splitlines would also split inside a JSON string at U+2028)."""
     if not path.is_file():
         raise UserError(f"{path}: file not found (expected the shared/data layout, e.g. {path.parent.name}/{path.name})")
     try:
         raw = bz2.decompress(path.read_bytes()) if path.suffix == ".bz2" else path.read_bytes()
-        return raw.decode("utf-8").splitlines()
+        lines = raw.decode("utf-8").split("\n")
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read ({e})") from None
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
 
 
 def _jsonl(path: Path, fields: dict[str, type]) -> list[tuple[int, dict]]:
@@ -235,48 +244,42 @@ def _local_lambada(root: Path) -> list[Example]:
 _SENTENCE_END = re.compile(r"[.!?][\"')]*\s+")
 
 
-def _capitalize_ctx_b(ctx: str) -> str:
-    """Redo lm-eval's `ctx_b.capitalize()` on a joined `ctx_a + " " + ctx_b`.
+def split_ctx(ctx: str) -> tuple[str, str]:
+    """(ctx_a, ctx_b) back from the file's joined `ctx_a + " " + ctx_b`, for lm-eval's ctx_b.capitalize().
 
-    deviation: the text file keeps only the joined ctx, so ctx_b is taken as the words after the
-    last sentence end when the ctx does not itself end a sentence (ActivityNet items: ctx_a is whole
-    sentences, ctx_b a lower-case fragment); WikiHow items end a sentence and have an empty ctx_b.
+    deviation: the text file keeps only the joined ctx, so ctx_b is taken to be what follows the
+    last sentence end, unless the ctx ends a sentence itself: ActivityNet items are whole sentences
+    then a lower-case fragment ("... on a roof. he"); WikiHow items end a sentence, ctx_b empty.
     """
-    if not ctx or re.search(r"[.!?][\"')]*$", ctx):
-        return ctx
+    if re.search(r"[.!?][\"')]*$", ctx):
+        return ctx, ""
     ends = list(_SENTENCE_END.finditer(ctx))
-    start = ends[-1].end() if ends else 0
-    return ctx[:start] + ctx[start:].capitalize()
-
-
-def _hellaswag_clean(text: str) -> str:
-    # deviation: the file's extractor removed only [header] [step] [substeps] [title]; lm-eval drops
-    # every [...] (e.g. "[www.kiddio.org]"), so do that here. A tag that began or ended an ending left
-    # a space in lm-eval's text, which the file no longer shows; that cannot be recovered.
-    cleaned = re.sub(r"\[.*?\]", "", text)
-    return text if cleaned == text else cleaned.replace("  ", " ").strip()
+    cut = ends[-1].end() if ends else 0
+    return ctx[:cut].rstrip(), ctx[cut:]
 
 
 def _local_hellaswag(root: Path) -> list[Example]:
-    """llama.cpp's layout: 6 lines per item: "activity_label: ctx", gold (0-3), 4 endings.
+    """llama.cpp's layout: 6 lines per item: "activity_label: ctx", gold (0-3), the 4 endings.
 
-    The extractor (klosax/hellaswag_text_data) already applied most of lm-eval's cleaning to each
-    field but used `ctx` (ctx_a + " " + ctx_b) where lm-eval capitalizes ctx_b: see the deviations.
+    The extractor (klosax/hellaswag_text_data) cleaned each field already, but only of the tags
+    [header] [step] [substeps] [title] and with spaces trimmed; lm-eval's cleaning is applied again
+    on top (it also drops other [...], e.g. "[www.kiddio.org]").
+    deviation: where a tag began or ended an ending, lm-eval's text keeps a space there that the
+    file no longer has; that cannot be recovered.
     """
     path = root / FILES["hellaswag"]
     lines = _lines(path)
-    if lines and lines[-1] == "":
-        lines.pop()
     if len(lines) % 6:
         raise UserError(f"{path}: {len(lines)} lines, expected 6 per item (context, label, 4 endings)")
     out = []
     for k in range(0, len(lines), 6):
-        query, label, endings = lines[k], lines[k + 1].strip(), lines[k + 2 : k + 6]
-        activity, sep, ctx = query.partition(": ")
+        activity, sep, ctx = lines[k].partition(": ")
+        label = lines[k + 1].strip()
         if not sep or label not in ("0", "1", "2", "3"):
             raise UserError(f"{path}:{k + 1}: expected 'activity_label: context' then a label 0-3 on line {k + 2}")
-        query = _hellaswag_clean(activity + sep + _capitalize_ctx_b(ctx))
-        out.append(_choices(query, [_hellaswag_clean(e) for e in endings], int(label)))
+        ctx_a, ctx_b = split_ctx(ctx)
+        doc = {"activity_label": activity, "ctx_a": ctx_a, "ctx_b": ctx_b, "endings": lines[k + 2 : k + 6], "label": label}
+        out.append(_hellaswag(doc))
     return out
 
 
@@ -316,16 +319,24 @@ def load_task(name: str, tasks_dir: Path | None = None, limit: int | None = None
     if tasks_dir is None and os.environ.get(TASKS_DIR_ENV):
         tasks_dir = Path(os.environ[TASKS_DIR_ENV])
     if tasks_dir is None:
-        examples = _from_hub(name)
+        examples, source = _from_hub(name), HUB[name][0]
     else:
         root = Path(tasks_dir).expanduser()
         if not root.is_dir():
             raise UserError(f"{root}: tasks directory not found (expected the shared/data layout, e.g. {FILES[name]})")
-        examples = LOCAL[name](root)
+        examples, source = LOCAL[name](root), str(root / FILES[name])
+    if not examples:
+        raise UserError(f"{source}: no examples of task {name}")
     return [examples[i] for i in subset(len(examples), limit, seed)]
 
 
 # ---- scoring -------------------------------------------------------------------------------------
+# Tokens per packed forward. smollm2-135m on one CPU thread: one example per forward is ~1.3x
+# slower on ARC-Easy (short trees, small matmuls); 512 is no faster than 256 (the dense mask's
+# attention grows with the square of the length).
+PACK_TOKENS = 256
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -358,51 +369,110 @@ def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
-@torch.inference_mode()
-def score_tokens(model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-    """(loglikelihood, is_greedy) of each (context_ids, continuation_ids), sharing the common prefix.
+@dataclass
+class _Tree:
+    """One example's rows as a token tree: a shared prefix, then each distinct tail after it."""
 
-    Row i feeds `(context + continuation)[:-1]` (left-truncated like lm-eval to the model's length)
-    and reads the last len(continuation) positions. The common prefix of the rows, up to the first
-    position any row reads, runs once; its KV cache is repeated for the distinct tails.
-    """
-    limit = _max_length(model) + 1
+    tokens: list[int]
+    prefix: int  # the first `prefix` tokens are shared by every row
+    tails: list[tuple[int, int]]  # (start, length) of each tail in `tokens`; a tail sees the prefix and itself
+    reads: list[tuple[list[int], list[int]]]  # per row: indices into `tokens` whose logits score it, and its targets
+
+
+def _tree(pairs: Sequence[tuple[list[int], list[int]]], max_length: int) -> _Tree:
+    """Row i feeds `(context + continuation)[:-1]`, left-truncated like lm-eval to max_length, and
+    reads its last len(continuation) positions; rows share their common prefix (but each keeps a
+    tail of at least one token) and identical tails are stored once."""
     conts = [cont for _, cont in pairs]
     if any(not c for c in conts):
         raise ValueError("a continuation encodes to no tokens")
-    inputs = [(ctx + cont)[-limit:][:-1] for ctx, cont in pairs]
-    first = [len(inp) - len(cont) for inp, cont in zip(inputs, conts)]  # first position row i reads
-    tails = list(dict.fromkeys(tuple(inp) for inp in inputs))
-    p = min(_common_prefix(inputs), min(first)) if len(tails) > 1 else 0
-    tails = list(dict.fromkeys(tuple(inp[p:]) for inp in inputs))
-    row_of = {t: k for k, t in enumerate(tails)}
-    width = max(len(t) for t in tails)
-    keep = width - min(f - p for f in first)  # logits for the last `keep` positions cover every read
-    batch = torch.zeros(len(tails), width, dtype=torch.long)
-    for k, t in enumerate(tails):
-        batch[k, : len(t)] = torch.tensor(t)  # right padding: causal attention never sees it
-    cache = None
-    if p:
-        cache = model(torch.tensor([inputs[0][:p]]), use_cache=True, logits_to_keep=1).past_key_values
-        if len(tails) > 1:
-            cache.batch_repeat_interleave(len(tails))
-    logits = model(batch, past_key_values=cache, use_cache=cache is not None, logits_to_keep=keep).logits.float()
-    logp = torch.log_softmax(logits, dim=-1)  # (tails, keep, vocab)
+    inputs = [(ctx + cont)[-(max_length + 1):][:-1] for ctx, cont in pairs]
+    p = min(_common_prefix(inputs), min(len(i) for i in inputs) - 1)
+    tokens, start = list(inputs[0][:p]), {}
+    for inp in inputs:
+        tail = tuple(inp[p:])
+        if tail not in start:
+            start[tail] = len(tokens)
+            tokens.extend(tail)
+    reads = []
+    for inp, cont in zip(inputs, conts):
+        s = start[tuple(inp[p:])]
+        reads.append(([j if j < p else s + j - p for j in range(len(inp) - len(cont), len(inp))], cont))
+    return _Tree(tokens, p, [(s, len(t)) for t, s in start.items()], reads)
+
+
+def _layout(trees: Sequence[_Tree]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Pack trees into one sequence: token ids, position ids, additive attention mask, tree offsets."""
+    n = sum(len(t.tokens) for t in trees)
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    positions: list[int] = []
+    offsets: list[int] = []
+    o = 0
+    for t in trees:
+        offsets.append(o)
+        p = t.prefix
+        allowed[o : o + p, o : o + p] = torch.ones(p, p, dtype=torch.bool).tril()
+        positions.extend(range(p))
+        for s, k in t.tails:
+            allowed[o + s : o + s + k, o : o + p] = True
+            allowed[o + s : o + s + k, o + s : o + s + k] = torch.ones(k, k, dtype=torch.bool).tril()
+            positions.extend(range(p, p + k))
+        o += len(t.tokens)
+    ids = torch.tensor([tok for t in trees for tok in t.tokens])
+    mask = torch.zeros(n, n).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    return ids, torch.tensor(positions), mask, offsets
+
+
+@torch.inference_mode()
+def score_trees(model: nn.Module, trees: Sequence[_Tree]) -> list[list[tuple[float, bool]]]:
+    """(loglikelihood, is_greedy) of every row of every tree, in one forward pass.
+
+    The trees are packed into one sequence whose attention mask lets each tail see only its own
+    prefix and itself; the LM head runs on the read positions only.
+    """
+    ids, positions, mask, offsets = _layout(trees)
+    keep = sorted({o + j for t, o in zip(trees, offsets) for idx, _ in t.reads for j in idx})
+    row = {j: r for r, j in enumerate(keep)}
+    dtype = getattr(model, "dtype", torch.float32)
+    mask = mask.to(dtype if dtype.is_floating_point else torch.float32)
+    logits = model(ids[None], attention_mask=mask[None, None], position_ids=positions[None], use_cache=False,
+                   logits_to_keep=torch.tensor(keep)).logits[0].float()  # (len(keep), vocab)
+    logp = torch.log_softmax(logits, dim=-1)
     out = []
-    for inp, f, cont in zip(inputs, first, conts):
-        k = row_of[tuple(inp[p:])]
-        pos = torch.arange(len(cont)) + (f - p) - (width - keep)
-        target = torch.tensor(cont)
-        ll = logp[k, pos, target].double().sum().item()
-        greedy = bool((logits[k, pos].argmax(-1) == target).all())
-        out.append((ll, greedy))
+    for t, o in zip(trees, offsets):
+        scores = []
+        for idx, cont in t.reads:
+            r, target = torch.tensor([row[o + j] for j in idx]), torch.tensor(cont)
+            ll = logp[r, target].double().sum().item()
+            scores.append((ll, bool((logits[r].argmax(-1) == target).all())))
+        out.append(scores)
     return out
+
+
+def _example_tree(model: nn.Module, tokenizer, example: Example) -> _Tree:
+    pairs = [encode_pair(tokenizer, c, t) for c, t in zip(example.contexts, example.continuations)]
+    return _tree(pairs, _max_length(model))
 
 
 def score_choices(model: nn.Module, tokenizer, example: Example) -> list[tuple[float, bool]]:
     """(loglikelihood, is_greedy) per choice of `example`, as lm-eval computes them."""
-    pairs = [encode_pair(tokenizer, c, t) for c, t in zip(example.contexts, example.continuations)]
-    return score_tokens(model, pairs)
+    return score_trees(model, [_example_tree(model, tokenizer, example)])[0]
+
+
+def score_examples(model: nn.Module, tokenizer, examples: Sequence[Example], description: str = "scoring",
+                   pack_tokens: int = PACK_TOKENS) -> list[list[tuple[float, bool]]]:
+    """score_choices for every example, packing consecutive examples up to `pack_tokens` per forward."""
+    out: list[list[tuple[float, bool]]] = []
+    pack: list[_Tree] = []
+    for ex in track(examples, description, total=len(examples)):
+        tree = _example_tree(model, tokenizer, ex)
+        if pack and sum(len(t.tokens) for t in pack) + len(tree.tokens) > pack_tokens:
+            out.extend(score_trees(model, pack))
+            pack = []
+        pack.append(tree)
+    if pack:
+        out.extend(score_trees(model, pack))
+    return out
 
 
 def _argmax(values: Iterable[float]) -> int:
@@ -410,20 +480,19 @@ def _argmax(values: Iterable[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # first of ties, like np.argmax
 
 
-def metrics(name: str, examples: Sequence[Example], scores: Sequence[list[tuple[float, bool]]]) -> dict[str, float | None]:
-    """acc / acc_norm / perplexity of scored examples, by lm-eval's definitions."""
+def metrics(name: str, examples: Sequence[Example], scores: Sequence[list[tuple[float, bool]]]) -> tuple[float, float | None, float | None]:
+    """(acc, acc_norm, perplexity) of scored examples by lm-eval's definitions; None where lm-eval reports none."""
     if name == "lambada_openai":
         lls = [s[0][0] for s in scores]
-        acc = sum(s[0][1] for s in scores) / len(scores)
-        return {"acc": acc, "acc_norm": None, "perplexity": math.exp(-sum(lls) / len(lls))}
+        return sum(s[0][1] for s in scores) / len(scores), None, math.exp(-sum(lls) / len(lls))
     hits = hits_norm = 0
     for ex, s in zip(examples, scores):
         lls = [ll for ll, _ in s]
         chars = [len(c) - len(TARGET_DELIMITER) for c in ex.continuations]  # len(choice) in characters
         hits += _argmax(lls) == ex.gold
-        hits_norm += _argmax(ll / n for ll, n in zip(lls, chars)) == ex.gold
+        hits_norm += _argmax(ll / n if n else -math.inf for ll, n in zip(lls, chars)) == ex.gold
     n = len(examples)
-    return {"acc": hits / n, "acc_norm": hits_norm / n if name in REPORTS_ACC_NORM else None, "perplexity": None}
+    return hits / n, (hits_norm / n if name in REPORTS_ACC_NORM else None), None
 
 
 def evaluate_tasks(model: nn.Module, tokenizer, names: Sequence[str], tasks_dir: Path | None = None,
@@ -436,8 +505,8 @@ def evaluate_tasks(model: nn.Module, tokenizer, names: Sequence[str], tasks_dir:
     for name in names:
         start = time.perf_counter()
         examples = load_task(name, tasks_dir, limit, seed)
-        scores = [score_choices(model, tokenizer, ex) for ex in track(examples, name, total=len(examples))]
-        m = metrics(name, examples, scores)
-        results[name] = TaskResult(name, len(examples), m["acc"], m["acc_norm"], m["perplexity"], time.perf_counter() - start)
-        log.info("%s: n=%d acc=%.4f (%.1f s)", name, len(examples), m["acc"], results[name].seconds)
+        scores = score_examples(model, tokenizer, examples, name)
+        acc, acc_norm, ppl = metrics(name, examples, scores)
+        results[name] = TaskResult(name, len(examples), acc, acc_norm, ppl, time.perf_counter() - start)
+        log.info("%s: n=%d acc=%.4f (%.1f s)", name, len(examples), acc, results[name].seconds)
     return results
