@@ -95,6 +95,27 @@ def test_winogrande_and_lambada_render_like_lm_eval(data):
     assert lam[4462].continuations == (" \n\nrecorder",)
 
 
+def test_hub_records_render_like_lm_eval(monkeypatch):
+    wikihow = {  # a raw hub record: lm-eval's process_docs strips first, so a leading tag leaves a space
+        "activity_label": "Education and Communications",
+        "ctx_a": "[header] How to make a liquid into a solid [title] Place a small open container of water in the freezer. "
+                 "[title] Remove from the freezer and note what has occurred.",
+        "ctx_b": "", "label": "0",
+        "endings": ["[step] Water changes state from liquid to solid.", "It boils. [substeps] Be careful.", "x", "y"]}
+    rows = {"Rowan/hellaswag": [wikihow],
+            "aps/super_glue": [{"question": "is it", "passage": "Title -- Text.", "idx": 0, "label": 1}],
+            "EleutherAI/lambada_openai": [{"text": "one two  three"}]}
+    fake = type("datasets", (), {"load_dataset": staticmethod(lambda path, name=None, split=None: rows[path])})
+    monkeypatch.setitem(__import__("sys").modules, "datasets", fake)
+    monkeypatch.delenv(tasks.TASKS_DIR_ENV, raising=False)
+    ex = load_task("hellaswag")[0]
+    assert ex.contexts[0] == ("Education and Communications: How to make a liquid into a solid. Place a small open "
+                              "container of water in the freezer.. Remove from the freezer and note what has occurred.")
+    assert ex.continuations[:2] == ("  Water changes state from liquid to solid.", " It boils. Be careful.")
+    assert load_task("boolq")[0] == Example(("Title -- Text.\nQuestion: is it?\nAnswer:",) * 2, (" no", " yes"), 1)
+    assert load_task("lambada_openai")[0] == Example(("one two ",), (" three",), 0)  # split on single spaces
+
+
 def test_split_ctx_recovers_ctx_b():
     assert tasks.split_ctx("A man is sitting on a roof. he") == ("A man is sitting on a roof.", "he")
     assert tasks.split_ctx("He waves. The man then") == ("He waves.", "The man then")
