@@ -50,21 +50,64 @@ def block0_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tenso
     return xs, shared
 
 
+CALIBRATION_DTYPES = ("float32", "bfloat16")
+
+
+def precision(dtype: str) -> contextlib.AbstractContextManager:
+    """The autocast context calibration forwards run under: bfloat16 matmuls are ~3x faster on AVX512-BF16 CPUs.
+
+    Weights stay float32 (autocast casts per op), so steps still read the exact float weights.
+    """
+    if dtype == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def block_forward(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(x, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
+class Replay(nn.Module):
+    """Stands in for a sub-module whose output for each calibration sample is already known.
+
+    A block's attention or MLP is final once its last linear layer is compressed,
+    and its output is that layer applied to inputs captured earlier; replaying it
+    spares later passes over the block from recomputing attention or the MLP.
+    `rewind` before each pass: the k-th call returns the k-th sample's output.
+    """
+
+    def __init__(self, outputs: list, rest: tuple | None):
+        super().__init__()
+        self.outputs, self.rest, self.next = outputs, rest, 0
+
+    def forward(self, *args, **kwargs):
+        out = self.outputs[self.next]
+        self.next += 1
+        return out if self.rest is None else (out, *self.rest)
+
+
+def rewind(block: nn.Module) -> None:
+    for m in block.modules():
+        if isinstance(m, Replay):
+            m.next = 0
+
+
 def run_blocks(model: nn.Module, ids: torch.Tensor,
-               process: Callable[[int, nn.Module, list[torch.Tensor], dict], None]) -> None:
+               process: Callable[[int, nn.Module, list[torch.Tensor], dict], list[torch.Tensor] | None],
+               dtype: str = "float32") -> None:
     """For each block i: `process(i, block, inputs, kwargs)`, then inputs <- block(inputs).
 
     `ids` is (n, seqlen) calibration tokens. `process` may replace submodules of
-    the block in place; the next block sees the outputs of the changed block.
+    the block in place; the next block sees the outputs of the changed block
+    (returned by `process` when it already computed them, else recomputed here).
+    `dtype` is the precision of the propagation forwards (`precision`).
     """
     blocks = decoder_blocks(model)
     xs, kwargs = block0_inputs(model, ids)
     for i in track(range(len(blocks)), "calibrating blocks"):
-        process(i, blocks[i], xs, kwargs)
-        with torch.inference_mode():
-            xs = [block_forward(blocks[i], x, kwargs) for x in xs]
+        outs = process(i, blocks[i], xs, kwargs)
+        if outs is None:
+            with torch.inference_mode(), precision(dtype):
+                outs = [block_forward(blocks[i], x, kwargs) for x in xs]
+        xs = [x.float() for x in outs]

@@ -171,7 +171,7 @@ def cmd_run(args) -> None:
     from effspec.recipe import load_recipe
     from effspec.store import Store
 
-    recipe = load_recipe(args.recipe)
+    recipe = _with_calibration_flags(load_recipe(args.recipe), args)
     out = Path(args.out)
     if out.exists():
         check_output_dir(out, force=True, kind="model")  # only effspec's own model directories may be reused
@@ -195,6 +195,23 @@ def cmd_run(args) -> None:
     _emit(args, _metrics_table(row), _flat({**row, "out": str(out), "reused": False}))
 
 
+def _with_calibration_flags(recipe, args):
+    """--calib-samples/--calib-seqlen override the recipe's calibration (defaults < YAML < flags)."""
+    import dataclasses
+
+    from effspec.config import ConfigError
+    from effspec.recipe import CalibrationSpec
+
+    changes = {k: v for k, v in (("samples", args.calib_samples), ("seqlen", args.calib_seqlen)) if v is not None}
+    if not changes:
+        return recipe
+    try:
+        spec = CalibrationSpec(**{**dataclasses.asdict(recipe.calibration), **changes})
+    except (ConfigError, ValueError) as e:
+        raise UserError(f"--calib-{next(iter(changes))}: {e}") from e
+    return dataclasses.replace(recipe, calibration=spec)
+
+
 def cmd_spectrum(args) -> None:
     from effspec.data import load_text
     from effspec.fsutil import MARKER, atomic_write_text, marker_kind
@@ -211,7 +228,7 @@ def cmd_spectrum(args) -> None:
         found = marker_kind(out)
         raise UserError(f"{out}: {'holds an effspec ' + found + ' output' if found else 'is not empty and was not written by effspec'}"
                         f", not a spectrum; choose another --out")
-    recipes = [load_recipe(r) for r in (args.recipes or list(builtin_recipes()))]
+    recipes = [_with_calibration_flags(load_recipe(r), args) for r in (args.recipes or list(builtin_recipes()))]
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
         raise UserError(f"--recipes: two recipes share the name '{next(n for n in names if names.count(n) > 1)}'")
@@ -269,7 +286,28 @@ def cmd_generate(args) -> None:
                           "kv_cache_bytes": gen.cache_bytes}))
 
 
+def cmd_export(args) -> None:
+    from effspec.export import check_request, export
+    from effspec.models import load_model
+
+    out = Path(args.out)
+    check_request(args.format, out, args.type, args.force)  # before the (slow) load
+    t0 = time.perf_counter()
+    loaded = load_model(args.model)
+    report = export(loaded, args.format, out, args.type, args.force)
+    record = {"model": args.model, **report.record(), "export_seconds": time.perf_counter() - t0}
+    table = [(k, record[k]) for k in ("format", "out", "bytes", "exact_layers", "converted_tensors", "dense_layers")]
+    table.append(("tensor_types", ", ".join(f"{k} {v}" for k, v in report.tensor_types.items())))
+    table += [(f"converted {k}", v) for k, v in report.converted.items()]
+    _emit(args, table, record)
+
+
 # ---- parser --------------------------------------------------------------------------------------
+def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-samples", type=int, help="calibration sequences, overriding recipes (default: recipe's, else 32)")
+    p.add_argument("--calib-seqlen", type=int, help="tokens per calibration sequence, overriding recipes (default: recipe's, else 2048)")
+
+
 def _add_measure_flags(p: argparse.ArgumentParser, windows: int | None = 32) -> None:
     p.add_argument("--windows", type=int, default=windows, help="eval windows (default: %(default)s)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per eval window (default: %(default)s)")
@@ -322,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="directory for the model and result (created atomically)")
     p.add_argument("--calib-data", help="calibration text (default: recipe's calibration.data, else part of --data)")
+    _add_calibration_flags(p)
     p.add_argument("--force", action="store_true", help="recompute and replace an existing effspec output")
     _add_measure_flags(p)
     p.set_defaults(fn=cmd_run)
@@ -332,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="work directory: results.db, report.md/html, results.csv, plots")
     p.add_argument("--recipes", nargs="+", help="recipe files or builtin names (default: all builtin recipes)")
     p.add_argument("--calib-data")
+    _add_calibration_flags(p)
     p.add_argument("--force", action="store_true", help="recompute rows already in the store")
     _add_measure_flags(p)
     p.set_defaults(fn=cmd_spectrum)
@@ -341,6 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("export", parents=[common], help="write a model as compressed-tensors (transformers/vLLM) or GGUF (llama.cpp)")
+    p.add_argument("model", help="a directory saved by `effspec run`, or any MODEL")
+    p.add_argument("--format", required=True, help="compressed-tensors (a directory) or gguf (a .gguf file)")
+    p.add_argument("--out", required=True, help="output directory (compressed-tensors) or .gguf file (written atomically)")
+    p.add_argument("--type", help="gguf: type of tensors without an exact GGML form: q8_0 (default), q4_0, q4_1, f16, bf16, f32")
+    p.add_argument("--force", action="store_true", help="replace an existing effspec export")
+    p.set_defaults(fn=cmd_export)
     return parser
 
 

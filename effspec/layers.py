@@ -7,22 +7,24 @@ scales and minimums (see `effspec.quant`). Its stored size is those bytes.
 Forward has two paths that compute the same function, chosen by the number of
 rows (tokens) in the input:
 
-- kernel, below `KERNEL_MAX_ROWS` rows (decode): torch's CPU low-bit matmuls -- `_weight_int4pack_mm_for_cpu` for
-  2/3/4-bit codes with groups of 32/64/128/256 (codes < 16 fit its 4-bit tiles;
-  per-channel grids are fed to it as repeated group scales), and
-  `_weight_int8pack_mm` for per-channel 8-bit. Both are fast only with bfloat16
-  activations (shared/FACTS.md), so this path runs the matmul in bfloat16 and
-  returns the input dtype. The kernel's packed form is built once, on first
-  use, and is not saved.
+- kernel, below `KERNEL_MAX_ROWS` rows (decode): for 4- and 8-bit codes,
+  effspec's own float32 matrix-vector kernels (`effspec.kernels`, compiled on
+  first use), which read the packed bytes in place and agree with the exact
+  path up to summation order. Where they are not available (no compiler, other
+  bit widths): torch's CPU low-bit matmuls -- `_weight_int4pack_mm_for_cpu` for
+  2/3/4-bit codes with groups of 32/64/128/256 (per-channel grids fed as
+  repeated group scales) and `_weight_int8pack_mm` for per-channel 8-bit -- in
+  bfloat16, the only dtype they are fast with (shared/FACTS.md; and only on
+  CPUs with AVX512-BF16). Kernel operands are built once, on first use, and
+  are not saved.
 - dequant, from `KERNEL_MAX_ROWS` rows up (prefill, perplexity windows) or where
   no kernel fits: unpack, `w_hat = q * scale + minimum` in float32, `F.linear`.
-  Exact. torch's low-bit CPU kernels are matrix-vector loops whose time grows
-  with the row count; measured here (1 thread, 1536x576, 4-bit g64) the kernel
-  beats a float32 matmul on unpacked weights below ~48 rows and loses 2x at 512.
+  Exact. Matrix-vector kernels lose to a float32 matmul on unpacked weights
+  once there are many rows (measured: torch's int4 kernel, 1 thread,
+  1536x576 g64, wins below ~48 rows and loses 2x at 512).
 
 So perplexity (long windows) is that of the exact quantized weights, the path
-prefill speed times; decode runs the bfloat16 kernel path, whose outputs differ
-from the exact path by bfloat16 rounding only (tests bound it).
+prefill speed times; decode runs the kernel path (tests bound the difference).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effspec import kernels as effspec_kernels
+from effspec.layers_float import FP8Linear, NF4Linear  # never imports this module: no cycle
 from effspec.quant import Grid, dequantize, grid_params, pack_bits, quantize, storage_dtype, unpack_bits
 
 _KERNELS = os.environ.get("EFFSPEC_KERNELS", "1") != "0"
@@ -135,7 +139,9 @@ class QuantLinear(nn.Module):
             return self._kernel if self._kernel[0] != "none" else None
         g, N, K = self.grid, self.out_features, self.in_features
         form: tuple = ("none",)
-        if g.bits <= 4 and N % 16 == 0:
+        if g.bits in (4, 8) and self.group % 32 == 0 and effspec_kernels.available():
+            form = ("cpp", self.scales.float().contiguous(), self.minimums().contiguous())
+        elif g.bits <= 4 and N % 16 == 0:
             group = self.group if self.group in INT4_GROUPS else next(
                 (c for c in (64, 32) if g.group_size == 0 and K % c == 0), None)
             if group is not None and K % group == 0:
@@ -159,6 +165,13 @@ class QuantLinear(nn.Module):
         if form is None:
             return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         shape = x.shape
+        if form[0] == "cpp":
+            matmul = effspec_kernels.q4_matmul if self.grid.bits == 4 else effspec_kernels.q8_matmul
+            y = matmul(x.reshape(-1, shape[-1]).float(), self.qweight, form[1], form[2],
+                       self.out_features, self.in_features, self.group).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+            return y.reshape(*shape[:-1], self.out_features)
         xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         if form[0] == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, form[1], form[2], form[3]).to(x.dtype)
@@ -176,4 +189,5 @@ class QuantLinear(nn.Module):
                 f"group={g.group_size or 'channel'}, {'sym' if g.symmetric else 'asym'}")
 
 
-PACKED_LAYERS: dict[str, type[QuantLinear]] = {QuantLinear.kind: QuantLinear}
+PACKED_LAYERS: dict[str, type[QuantLinear] | type[NF4Linear] | type[FP8Linear]] = {
+    QuantLinear.kind: QuantLinear, NF4Linear.kind: NF4Linear, FP8Linear.kind: FP8Linear}

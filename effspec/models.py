@@ -186,18 +186,22 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
             raise UserError(f"{path}: weights do not match the config (missing {sorted(missing)[:3]}, "
                             f"unexpected {sorted(info.get('unexpected_keys', ()))[:3]})")
         return LoadedModel(model.eval(), tokenizer, spec, meta)
+    import effspec.steps  # noqa: F401  (steps add the wrapper modules they save, e.g. rotate's, to PACKED_LAYERS)
     from effspec.layers import PACKED_LAYERS
 
     model = _empty_model(config)
     for name, m in packed.items():
         old = model.get_submodule(name)
-        replace_module(model, name, PACKED_LAYERS[m["kind"]].from_manifest(m, old.in_features, old.out_features))
+        cls = PACKED_LAYERS[m["kind"]]  # a wrapper rebuilds around the module it wraps; a packed layer from shapes
+        new = cls.wrap(m, old) if hasattr(cls, "wrap") else cls.from_manifest(m, old.in_features, old.out_features)
+        replace_module(model, name, new)
     try:
         state = load_file(str(path / "model.safetensors"))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot load weights from model.safetensors ({e})") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
-    model.tie_weights()
+    if type(model.get_output_embeddings()) is nn.Linear:  # a packed head has its own bytes: nothing to tie
+        model.tie_weights()
     tied = {k for k in missing if _is_tied(model, k)}
     if set(missing) - tied or unexpected:
         raise UserError(f"{path}: weights do not match the config (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
@@ -242,7 +246,8 @@ def _load_hub(spec: str) -> LoadedModel:
 
 # ---- saving -------------------------------------------------------------------------------------
 def packed_manifest(model: nn.Module) -> dict[str, dict]:
-    return {name: m.manifest() for name, m in model.named_modules() if hasattr(m, "manifest") and hasattr(m, "kind")}
+    return {name: m.manifest() for name, m in model.named_modules()
+            if hasattr(m, "manifest") and (hasattr(m, "kind") or hasattr(m, "wrap"))}
 
 
 def save_model(model: nn.Module, tokenizer, out: Path, meta: dict) -> None:

@@ -196,7 +196,7 @@ def environment() -> dict:
 
 def check_finite(model: torch.nn.Module, step: str) -> None:
     for name, t in model.state_dict().items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not torch.isfinite(t.float() if t.element_size() == 1 else t).all():
             raise UserError(f"step '{step}' left NaN/inf values in {name}")
 
 

@@ -287,3 +287,17 @@ def test_debug_lets_the_error_propagate(cli) -> None:
 def test_global_flags_before_the_command_are_honoured(cli) -> None:
     with pytest.raises(UserError, match="no-such-model"):
         main(["--debug", "load-check", "no-such-model"])
+
+
+def test_calibration_flags_override_the_recipe_and_enter_the_key(tmp_path):
+    from effspec.cli import _with_calibration_flags, build_parser
+    from effspec.recipe import load_recipe
+
+    rec = load_recipe("gptq-w4-g64")
+    args = build_parser().parse_args(["run", "x.yaml", "--model", "m", "--data", "d", "--out", "o",
+                                      "--calib-samples", "3", "--calib-seqlen", "64"])
+    changed = _with_calibration_flags(rec, args)
+    assert (changed.calibration.samples, changed.calibration.seqlen) == (3, 64)
+    assert changed.hash != rec.hash
+    same = build_parser().parse_args(["run", "x.yaml", "--model", "m", "--data", "d", "--out", "o"])
+    assert _with_calibration_flags(rec, same) is rec

@@ -85,3 +85,38 @@ def test_gptq_step_on_a_tiny_model_beats_rtn_on_its_calibration_text():
         with torch.no_grad():
             errors[name] = (model(ids).logits - base).pow(2).mean().item()
     assert errors["gptq"] < errors["rtn"]
+
+
+def test_replaying_finished_sublayers_changes_nothing(monkeypatch):
+    """Later passes replay attention/MLP from captured inputs; codes must equal those of full re-runs."""
+    import effspec.steps.quantize.gptq as gptq
+
+    def quantized_codes(replay: bool):
+        lm = load_model("tiny-llama")
+        if not replay:
+            real_plan = gptq._plan
+            monkeypatch.setattr(gptq, "_plan", lambda *a: gptq._Plan(real_plan(*a).groups, {}))
+        torch.manual_seed(0)
+        calib = torch.randint(0, 256, (4, 32))
+        get_step("gptq").apply(lm.model, GPTQConfig(bits=3, group_size=16), calib)
+        monkeypatch.undo()
+        return {n: m.codes() for n, m in lm.model.named_modules() if isinstance(m, QuantLinear)}
+
+    with_replay, without = quantized_codes(True), quantized_codes(False)
+    assert len(with_replay) == 14 and with_replay.keys() == without.keys()
+    for name in with_replay:
+        assert torch.equal(with_replay[name], without[name]), name
+
+
+def test_plan_finds_shared_inputs_and_replayable_children():
+    import effspec.steps.quantize.gptq as gptq
+    from effspec.calibrate import block0_inputs
+
+    lm = load_model("tiny-llama")
+    block = lm.model.model.layers[0]
+    xs, kwargs = block0_inputs(lm.model, torch.randint(0, 256, (1, 16)))
+    names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    plan = gptq._plan(block, names, xs, kwargs)
+    assert plan.groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                           ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert {c: last for c, (last, _) in plan.replayable.items()} == {"self_attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}

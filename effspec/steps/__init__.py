@@ -2,3 +2,7 @@
 
 from effspec.steps.prune import magnitude  # noqa: F401
 from effspec.steps.quantize import gptq, rtn  # noqa: F401
+from effspec.steps.quantize import rotate  # noqa: F401
+from effspec.steps.quantize import fp8, nf4  # noqa: F401
+from effspec.steps.quantize import awq  # noqa: F401
+from effspec.steps.quantize import outliers, smoothquant, w8a8  # noqa: F401
