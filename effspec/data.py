@@ -77,19 +77,29 @@ def _read(path: Path) -> str:
     return text
 
 
-def _read_jsonl(path: Path) -> str:
-    texts = []
-    for i, line in enumerate(_read(path).splitlines(), 1):
+def jsonl_records(path: Path, lines: list[str], fields: dict[str, type]) -> list[tuple[int, dict]]:
+    """(line number, record) for each non-blank JSON line, checking that `fields` exist with their types.
+
+    `lines` are split on "\n" only: str.splitlines would also split inside a JSON string at U+2028.
+    """
+    out = []
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UserError(f"{path}:{i}: expected an object with a string field 'text'")
-        texts.append(record["text"])
-    return "\n\n".join(texts)
+        bad = [k for k, t in fields.items() if not isinstance(record, dict) or not isinstance(record.get(k), t)]
+        if bad:
+            want = ", ".join(f"'{k}': {t.__name__}" for k, t in fields.items())
+            raise UserError(f"{path}:{i}: expected an object with {want} (bad or missing: {', '.join(bad)})")
+        out.append((i, record))
+    return out
+
+
+def _read_jsonl(path: Path) -> str:
+    return "\n\n".join(r["text"] for _, r in jsonl_records(path, _read(path).split("\n"), {"text": str}))
 
 
 def _hf_dataset(spec: str) -> TextSource:

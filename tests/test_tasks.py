@@ -244,7 +244,7 @@ def test_malformed_files_name_file_and_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"dev\.jsonl:2: not valid JSON"):
         load_task("boolq", tmp_path)
     (tmp_path / "boolq" / "dev.jsonl").write_text('{"question": "q", "title": "t", "passage": "p", "answer": "yes"}\n')
-    with pytest.raises(UserError, match=r"dev\.jsonl:1: expected .*answer: bool"):
+    with pytest.raises(UserError, match=r"dev\.jsonl:1: expected .*'answer': bool"):
         load_task("boolq", tmp_path)
     _write_piqa(tmp_path, [("g", "a", "b", 0), ("g", "a", "b", 1)])
     (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n")

@@ -57,6 +57,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from effspec.data import jsonl_records
 from effspec.errors import UserError
 from effspec.progress import track
 
@@ -170,21 +171,7 @@ def _lines(path: Path) -> list[str]:
 
 
 def _jsonl(path: Path, fields: dict[str, type]) -> list[tuple[int, dict]]:
-    """(line number, record) for each non-blank line, checking `fields` and their types."""
-    out = []
-    for i, line in enumerate(_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        bad = [k for k, t in fields.items() if not isinstance(record, dict) or not isinstance(record.get(k), t)]
-        if bad:
-            want = ", ".join(f"{k}: {t.__name__}" for k, t in fields.items())
-            raise UserError(f"{path}:{i}: expected an object with {want} (bad or missing: {', '.join(bad)})")
-        out.append((i, record))
-    return out
+    return jsonl_records(path, _lines(path), fields)
 
 
 def _local_piqa(root: Path) -> list[Example]:
