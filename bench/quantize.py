@@ -587,8 +587,9 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict] = []
 
         def record(row: dict) -> None:
+            # rows another run (other --settings, same --out and protocol) wrote meanwhile are kept too
             rows.append(row)
-            save(args.out, {**meta, "rows": with_cached(rows, cache)})
+            save(args.out, {**meta, "rows": with_cached(rows, {**cache, **load_cache(args.out, protocol, True)})})
 
         peer_exe: Path | None = None
         peer_error = None
@@ -654,7 +655,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    rows = with_cached(rows, cache)  # settings run earlier with the same protocol too: the table covers them all
+    # settings run earlier (or by a concurrent run) with the same protocol too: the table covers them all
+    rows = with_cached(rows, {**cache, **load_cache(args.out, protocol, True)})
     comps = comparisons(rows)
     meta["total_seconds"] = time.perf_counter() - t_start
     record_all = {**meta, "comparisons": [{k: v for k, v in c.items() if k not in SIDES} for c in comps], "rows": rows}
