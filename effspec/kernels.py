@@ -166,7 +166,7 @@ def _module():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        log.info("effspec: building the low-bit C++ kernels (once per machine, about a minute)")
+        log.info("effspec: loading the low-bit C++ kernels (built on first use per machine, about a minute)")
         return load_inline(name="effspec_lowbit_v7", cpp_sources=[_DECLS, _SOURCE], functions=["q4_matmul", "q8_matmul"],
                            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)

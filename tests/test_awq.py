@@ -44,10 +44,19 @@ def logits(model, ids):
         return model(ids).logits
 
 
+def with_outlier_channels(model):
+    """Make a few hidden channels 10x larger at every norm's output, as trained LLMs have (AWQ Sec. 3.1)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p[[1, 7, 30]] *= 10
+    return model
+
+
 @pytest.mark.parametrize("build", [lambda: load_model("tiny-llama").model, lambda: load_model("tiny-qwen2").model,
                                    mha_llama], ids=["llama-gqa", "qwen2-bias", "llama-mha"])
 def test_scaling_alone_leaves_the_float_model_unchanged(build):
-    model = build()
+    model = with_outlier_channels(build())  # so that every search picks alpha > 0
     before = logits(model, HELD_OUT)
     norms = {n: p.clone() for n, p in model.named_parameters() if "norm" in n or "o_proj.weight" in n}
     up = model.model.layers[0].mlp.up_proj.weight.clone()
@@ -55,10 +64,22 @@ def test_scaling_alone_leaves_the_float_model_unchanged(build):
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
     # the scales went somewhere: both norms before q/k/v and gate/up, and up_proj's rows before down_proj
     changed = {n for n, p in model.named_parameters() if n in norms and not torch.equal(p, norms[n])}
-    assert {"model.layers.0.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight"} <= changed
+    assert {f"model.layers.{i}.{n}.weight" for i in (0, 1) for n in ("input_layernorm", "post_attention_layernorm")} <= changed
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, up)
     # o_proj is scaled (into v_proj) only without grouped-query attention, as in the reference code
     assert ("model.layers.0.self_attn.o_proj.weight" in changed) == (build is mha_llama)
+    assert torch.allclose(logits(model, HELD_OUT), before, atol=1e-5, rtol=0)
+
+
+def test_an_input_read_by_an_untargeted_layer_is_left_unscaled():
+    model = with_outlier_channels(load_model("tiny-llama").model)
+    before = logits(model, HELD_OUT)
+    norm = model.model.layers[0].input_layernorm.weight.clone()
+    post = model.model.layers[0].post_attention_layernorm.weight.clone()
+    cfg = AWQConfig(quantize=False, clip=False, ignore=("lm_head", "*k_proj"))  # k_proj also reads q/v's input
+    model = get_step("awq").apply(model, cfg, CALIB)
+    assert torch.equal(model.model.layers[0].input_layernorm.weight, norm)
+    assert not torch.equal(model.model.layers[0].post_attention_layernorm.weight, post)  # gate/up still scaled
     assert torch.allclose(logits(model, HELD_OUT), before, atol=1e-5, rtol=0)
 
 
@@ -113,15 +134,6 @@ def test_clip_search_matches_a_per_group_reference():
     assert (clip < w_max).any()  # clipping was chosen somewhere
 
 
-def with_outlier_channels(model):
-    """Make a few hidden channels 10x larger at every norm's output, as trained LLMs have (AWQ Sec. 3.1)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight"):
-                p[[1, 7, 30]] *= 10
-    return model
-
-
 def test_awq_beats_rtn_on_a_tiny_model_at_3_bits():
     base = logits(with_outlier_channels(load_model("tiny-llama").model), HELD_OUT)
     errors = {}
@@ -166,7 +178,7 @@ def test_save_load_round_trip_keeps_logits(tmp_path):
     assert torch.equal(logits(again.model, HELD_OUT), logits(model, HELD_OUT))
 
 
-@pytest.mark.parametrize("field,value", [("bits", 5), ("n_grid", 0), ("max_shrink", 1.0), ("sample_tokens", 0)])
+@pytest.mark.parametrize("field,value", [("bits", 5), ("n_grid", 0), ("max_shrink", 1.0)])
 def test_impossible_configs_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         AWQConfig(**{field: value})
