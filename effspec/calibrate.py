@@ -68,6 +68,24 @@ def block_forward(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tens
     return out[0] if isinstance(out, tuple) else out
 
 
+def trace_block(block: nn.Module, x: torch.Tensor, kwargs: dict,
+                on_input: Callable[[str, tuple, dict], None], on_output: Callable[[str, tuple, object], None]) -> None:
+    """Run one input through `block` calling on_input(name, args, kwargs) / on_output(name, args, output)
+    for every submodule call, in run order: how steps find which module feeds which linear layer.
+    """
+    hooks = []
+    for n, m in block.named_modules():
+        if n:
+            hooks.append(m.register_forward_pre_hook(lambda m, a, k, n=n: on_input(n, a, k), with_kwargs=True))
+            hooks.append(m.register_forward_hook(lambda m, a, o, n=n: on_output(n, a, o)))
+    try:
+        with torch.inference_mode():
+            block_forward(block, x, kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 class Replay(nn.Module):
     """Stands in for a sub-module whose output for each calibration sample is already known.
 

@@ -50,7 +50,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from effspec.calibrate import block_forward, run_blocks
+from effspec.calibrate import block_forward, run_blocks, trace_block
 from effspec.config import expect
 from effspec.layers import QuantLinear
 from effspec.quant import SUPPORTED_BITS, Grid, dequantize, grid_params, quantize
@@ -175,17 +175,7 @@ def _trace(block: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple[list[tuple[
     """Every submodule call (name, args) of one forward pass in run order, and each module's first output."""
     calls: list[tuple[str, tuple]] = []
     outputs: dict[str, object] = {}
-    hooks = []
-    for n, m in block.named_modules():
-        if n:
-            hooks.append(m.register_forward_pre_hook(lambda m, a, n=n: calls.append((n, a))))
-            hooks.append(m.register_forward_hook(lambda m, a, o, n=n: outputs.setdefault(n, o)))
-    try:
-        with torch.inference_mode():
-            block_forward(block, x, kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
+    trace_block(block, x, kwargs, lambda n, a, k: calls.append((n, a)), lambda n, a, o: outputs.setdefault(n, o))
     return calls, outputs
 
 

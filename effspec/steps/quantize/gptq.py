@@ -16,8 +16,12 @@ from the original weights ("static groups") so every group stays contiguous in
 storage.
 
 `apply` runs calibration block by block (`effspec.calibrate`): inside each block
-the layers that read the same input (q/k/v, gate/up) are quantized together and
-the next ones see the already-quantized outputs ("true sequential").
+the layers that read the same input (q/k/v, gate/up) are quantized together from
+one shared H and the next ones see the already-quantized outputs ("true
+sequential"). Once a block's attention or MLP has all its layers quantized, its
+output is its last layer applied to inputs captured in that layer's pass, so
+later passes replay it (`calibrate.Replay`) instead of recomputing it -- the
+same result (tested) for about one block forward fewer per group.
 """
 
 from __future__ import annotations

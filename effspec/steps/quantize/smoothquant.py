@@ -36,7 +36,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from effspec.calibrate import block_forward, run_blocks
+from effspec.calibrate import block_forward, run_blocks, trace_block
 from effspec.config import expect
 from effspec.registry import register
 from effspec.steps.quantize.w8a8 import quantize_linears
@@ -78,29 +78,17 @@ def _trace_producers(block: nn.Module, x: torch.Tensor, kwargs: dict) -> list[tu
     readers: dict[int, list[str]] = {}  # id(tensor) -> every submodule it was passed to
     held: list[torch.Tensor] = []  # keep every read tensor alive so no id is reused during the pass
 
-    def on_output(name):
-        def hook(module, args, out):
-            if isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
-                outputs.setdefault(id(out), (name, out, args[0]))  # the innermost module comes first
-        return hook
+    def on_output(name: str, args: tuple, out: object) -> None:
+        if isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+            outputs.setdefault(id(out), (name, out, args[0]))  # the innermost module comes first
 
-    def on_input(name):
-        def hook(module, args, kwargs):
-            for t in (*args, *kwargs.values()):
-                if isinstance(t, torch.Tensor):
-                    held.append(t)
-                    readers.setdefault(id(t), []).append(name)
-        return hook
+    def on_input(name: str, args: tuple, kwargs: dict) -> None:
+        for t in (*args, *kwargs.values()):
+            if isinstance(t, torch.Tensor):
+                held.append(t)
+                readers.setdefault(id(t), []).append(name)
 
-    modules = [(n, m) for n, m in block.named_modules() if n]
-    hooks = [m.register_forward_hook(on_output(n)) for n, m in modules]
-    hooks += [m.register_forward_pre_hook(on_input(n), with_kwargs=True) for n, m in modules]
-    try:
-        with torch.inference_mode():
-            block_forward(block, x, kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
+    trace_block(block, x, kwargs, on_input, on_output)
     floats = set(linear_layers(block, ("*",), ()))
     found = []
     for key, (name, out, inp) in outputs.items():
