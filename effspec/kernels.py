@@ -1,23 +1,33 @@
 """Decode-time matrix-vector kernels for packed 4-bit and 8-bit weights, compiled on first use.
 
-Batch-1 decode is bandwidth-bound: each token reads every weight once. torch's
-own low-bit CPU kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`)
-are only fast with bfloat16 activations on CPUs with AVX512-BF16; on AVX2-only
-CPUs they are slower than a float32 matmul (measured here: 1536x576, one
-token, int4pack 778 us against float32 425 us). These kernels read
-`QuantLinear`'s own packed bytes directly -- no second copy of the weights --
-and compute in float32:
+Batch-1 decode is bandwidth-bound in principle: each token reads every weight
+once, and 4-bit codes are 8x fewer bytes than float32. torch's own low-bit CPU
+kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) are only fast
+with bfloat16 activations on CPUs with AVX512-BF16; on AVX2-only CPUs they are
+slower than a float32 matmul (measured here: 1536x576, one token, int4pack
+778 us against float32 425 us). These kernels read `QuantLinear`'s own packed
+bytes directly -- no second copy of the weights. Per output n and group g,
 
-    y[r, n] = sum_g  scale[n, g] * (sum_{k in g} x[r, k] q[n, k])  +  minimum[n, g] * (sum_{k in g} x[r, k])
+    y[r, n] = sum_g  scale[n, g] * (codes . x)_g  +  minimum[n, g] * (sum_{k in g} x[r, k])
 
-so a group costs one integer-code dot product plus two multiply-adds. The
-inner loop is plain C++ that the compiler vectorizes (`-O3 -march=native`);
-rows of W are split across threads with `at::parallel_for`.
+Two ways to form (codes . x):
 
-The extension is built once per machine with torch's `cpp_extension` (g++ and
-ninja; ~1 minute) into torch's extension cache. When no compiler is present, or
-`EFFSPEC_CPP_KERNELS=0`, `available()` is False and `QuantLinear` uses its other
-paths.
+- int8 activations (default; llama.cpp's Q8 x Q4 scheme): each row of x is
+  rounded to int8 per block of 32 columns with scale max|x| / 127, and codes
+  meet it in `_mm256_maddubs_epi16` integer dot products, 64 multiply-adds in
+  about ten instructions. Outputs differ from the exact ones by ~1% of their
+  range (the minimum term keeps float sums). Measured on this machine (AMD
+  EPYC, AVX2, 1 thread), 1536x576 g64, weights not in cache: 112 us against
+  358 us for float32 `F.linear`.
+- float activations (`EFFSPEC_KERNEL_ACTIVATIONS=float`, or widths that are
+  not whole 64-column chunks): codes widened to float32 and FMA'd, exact up
+  to summation order, ~2.5x slower than the int8 form.
+
+Rows of W are split across threads with `at::parallel_for`. The extension is
+built once per machine with torch's `cpp_extension` (g++ and ninja; ~1 minute)
+into torch's extension cache. When no compiler is present, or
+`EFFSPEC_CPP_KERNELS=0`, `available()` is False and `QuantLinear` uses its
+other paths.
 """
 
 from __future__ import annotations
@@ -34,6 +44,9 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
+#include <cmath>
+#include <vector>
+#include <algorithm>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -96,67 +109,196 @@ static inline float row_dot(const uint8_t* row, const float* xe, const float* xo
   return acc_s;
 }
 
-// x (M, K) float32 times the transpose of an (N, K) weight of codes with per-group scale and minimum
-// (N, K/group) float32. NIBBLES: two codes a byte (column 2j in the low nibble of byte j, 2j+1 in the
-// high), each row K/2 bytes; else one byte a code. Returns (M, N) float32.
-template <bool NIBBLES>
-static torch::Tensor lowbit_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minimum,
-                                   int64_t N, int64_t K, int64_t group) {
-  const int64_t M = x.size(0), G = K / group, row_bytes = NIBBLES ? K / 2 : K;
-  auto y = torch::empty({M, N}, x.options());
-  auto xs = torch::empty({M, G}, x.options());  // per-group sums of x, for the minimum term
-  const float* X = x.data_ptr<float>();
-  float* XS = xs.data_ptr<float>();
-  for (int64_t r = 0; r < M; ++r)
+// ---- int8 activations (llama.cpp's Q8 x Q4 scheme) ------------------------------------------------
+// x is rounded to int8 per block of 32 columns, d = max|x| / 127, so a block's dot product with the
+// codes is an integer one: _mm256_maddubs_epi16 multiplies 32 unsigned codes by 32 signed int8 values
+// into 16-bit pair sums (4-bit: 15 * 127 * 2 fits; 8-bit codes go through sign tricks, below), 64
+// multiply-adds in ~6 instructions against ~24 for the float path above.
+//
+// Scratch for one call's quantized rows. For 4-bit codes each 64-column chunk is stored as its 32 even
+// columns then its 32 odd ones, the order of a chunk's 32 weight bytes' low and high nibbles.
+struct QuantizedRows {
+  std::vector<int8_t> q;   // (M, K)
+  std::vector<float> d;    // (M, K/32)
+  std::vector<float> dv;   // (M, U, 8): the x scale of each lane of a unit's 8 int32 sums (see lowbit_dot_i8)
+  std::vector<float> xs;   // (M, G) float sums of x per weight group, for the minimum term
+};
+
+static void quantize_rows(const float* X, int64_t M, int64_t K, int64_t group, bool split, QuantizedRows& out) {
+  const int64_t B = K / 32, G = K / group;
+  out.q.resize(M * K); out.d.resize(M * B); out.xs.resize(M * G); out.dv.resize(M * B * 8);
+  for (int64_t r = 0; r < M; ++r) {
+    const float* x = X + r * K;
     for (int64_t g = 0; g < G; ++g) {
       float s = 0.f;
-      for (int64_t k = 0; k < group; ++k) s += X[r * K + g * group + k];
-      XS[r * G + g] = s;
+      for (int64_t k = 0; k < group; ++k) s += x[g * group + k];
+      out.xs[r * G + g] = s;
     }
-  // for nibbles, x split into even and odd columns so a byte's two codes meet contiguous x
-  torch::Tensor xe = x, xo = x;
-  if (NIBBLES) {
-    xe = torch::empty({M, K / 2}, x.options());
-    xo = torch::empty({M, K / 2}, x.options());
-    float *XE = xe.data_ptr<float>(), *XO = xo.data_ptr<float>();
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t j = 0; j < K / 2; ++j) {
-        XE[r * K / 2 + j] = X[r * K + 2 * j];
-        XO[r * K / 2 + j] = X[r * K + 2 * j + 1];
+    for (int64_t b = 0; b < B; ++b) {
+      float amax = 0.f;
+      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(x[b * 32 + k]));
+      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      out.d[r * B + b] = d;
+      // a 4-bit unit (64 columns) holds two blocks in lanes 0-3 and 4-7; an 8-bit unit is one block
+      float* dv = split ? out.dv.data() + r * B * 8 + (b / 2) * 8 + (b % 2) * 4 : out.dv.data() + (r * B + b) * 8;
+      for (int k = 0; k < (split ? 4 : 8); ++k) dv[k] = d;
+      for (int k = 0; k < 32; ++k) {
+        const int8_t v = (int8_t)std::nearbyint(x[b * 32 + k] * inv);
+        int64_t pos = b * 32 + k;
+        if (split) {  // column c of its 64-chunk goes to slot c/2 (even) or 32 + c/2 (odd)
+          const int64_t c = (b % 2) * 32 + k;
+          pos = (b / 2) * 64 + (c % 2) * 32 + c / 2;
+        }
+        out.q[r * K + pos] = v;
       }
+    }
   }
-  const float *XE = xe.data_ptr<float>(), *XO = xo.data_ptr<float>();
-  const int64_t x_stride = NIBBLES ? K / 2 : K;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// 64 4-bit codes (32 bytes) against their chunk's int8 x (32 even columns, then 32 odd): 8 int32 sums,
+// lanes 0-3 from the chunk's first block of 32 columns, lanes 4-7 from its second.
+static inline __m256 q4_chunk(const uint8_t* w, const int8_t* xq) {
+  const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const __m256i v = _mm256_loadu_si256((const __m256i*)w);
+  const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)xq)),
+                                     _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xq + 32))));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+}
+
+// 32 8-bit codes against one block of int8 x. A code q stands for (q - 128) * s + (min + 128 s): q ^ 0x80
+// is q - 128 as int8, and |q - 128| (<= 128) times sign-adjusted x keeps pair sums within int16
+// (128 * 127 * 2 < 32768).
+static inline __m256 q8_block(const uint8_t* w, const int8_t* xq) {
+  const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+  const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)w), flip);
+  const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)xq), v));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+}
+
+// One output row against one int8 row: sum over units (64 columns for 4-bit codes, 32 for 8-bit) of
+// int dot * x scale (dv, 8 lanes a unit) * weight scale. MODE 0: 4-bit, groups a multiple of 64, unit u
+// in group ug[u]; 1: 4-bit, groups of 32 (two a unit); 2: 8-bit, unit u in group ug[u].
+template <int MODE>
+static inline __m256 unit_term(const uint8_t* w, const int8_t* xq, const float* dv, const float* S,
+                               const int32_t* ug, int64_t u) {
+  const __m256 dot = MODE == 2 ? q8_block(w + u * 32, xq + u * 32) : q4_chunk(w + u * 32, xq + u * 64);
+  const __m256 s = MODE == 1 ? _mm256_set_m128(_mm_set1_ps(S[2 * u + 1]), _mm_set1_ps(S[2 * u]))
+                             : _mm256_set1_ps(S[ug[u]]);
+  return _mm256_mul_ps(_mm256_mul_ps(dot, _mm256_loadu_ps(dv + u * 8)), s);
+}
+
+template <int MODE>
+static inline float lowbit_dot_i8(const uint8_t* w, const int8_t* xq, const float* dv, const float* S,
+                                  const int32_t* ug, int64_t U) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t u = 0;
+  for (; u + 1 < U; u += 2) {
+    acc0 = _mm256_add_ps(acc0, unit_term<MODE>(w, xq, dv, S, ug, u));
+    acc1 = _mm256_add_ps(acc1, unit_term<MODE>(w, xq, dv, S, ug, u + 1));
+  }
+  if (u < U) acc0 = _mm256_add_ps(acc0, unit_term<MODE>(w, xq, dv, S, ug, u));
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+#endif
+
+bool int8_ready() {
+#if defined(__AVX2__) && defined(__FMA__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// y = x W_hat^T (+ bias) for x (..., K) float32 and an (N, K) weight of `bits`-bit codes (4: two a byte,
+// column 2j in the low nibble of byte j; 8: one a byte) with per-group scale and minimum (N, K/group)
+// float32. int8_act: x rounded to int8 per 32 columns (needs AVX2, K % 64 == 0 for 4 bits), else float.
+torch::Tensor lowbit_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minimum,
+                            torch::Tensor bias, int64_t N, int64_t K, int64_t group, int64_t bits, bool int8_act) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.size(-1) == K, "x: contiguous float32 (..., K)");
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  const bool nibbles = bits == 4;
+  const int64_t M = x.numel() / K, G = K / group, row_bytes = nibbles ? K / 2 : K;
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  auto y = torch::empty(out_shape, x.options());
+  const float* X = x.data_ptr<float>();
   const uint8_t* P = codes.data_ptr<uint8_t>();
   const float* S = scale.data_ptr<float>();
   const float* Z = minimum.data_ptr<float>();
+  const float* BIAS = bias.numel() ? bias.data_ptr<float>() : nullptr;
   float* Y = y.data_ptr<float>();
+#if defined(__AVX2__) && defined(__FMA__)
+  if (int8_act && K % (nibbles ? 64 : 32) == 0 && group % 32 == 0 && (group == 32 || group % 64 == 0 || !nibbles)) {
+    static thread_local QuantizedRows scratch;
+    QuantizedRows& qr = scratch;  // the calling thread's: parallel_for's workers must not see their own
+    quantize_rows(X, M, K, group, nibbles, qr);
+    const int64_t B = K / 32, U = nibbles ? K / 64 : B, mode = !nibbles ? 2 : group == 32 ? 1 : 0;
+    std::vector<int32_t> ug(U);  // each unit's weight group
+    for (int64_t u = 0; u < U; ++u) ug[u] = (int32_t)(u * (nibbles ? 64 : 32) / group);
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* w = P + n * row_bytes;
+        const float *s = S + n * G, *z = Z + n * G;
+        for (int64_t r = 0; r < M; ++r) {
+          float acc = BIAS ? BIAS[n] : 0.f;
+          const float* xs = qr.xs.data() + r * G;
+          for (int64_t g = 0; g < G; ++g) acc += (nibbles ? z[g] : z[g] + 128.f * s[g]) * xs[g];
+          const int8_t* xq = qr.q.data() + r * K;
+          const float* dv = qr.dv.data() + r * B * 8;
+          acc += mode == 0 ? lowbit_dot_i8<0>(w, xq, dv, s, ug.data(), U)
+               : mode == 1 ? lowbit_dot_i8<1>(w, xq, dv, s, ug.data(), U)
+                           : lowbit_dot_i8<2>(w, xq, dv, s, ug.data(), U);
+          Y[r * N + n] = acc;
+        }
+      }
+    });
+    return y;
+  }
+#endif
+  // float activations: per-group sums of x for the minimum term and, for nibbles, x split into even and
+  // odd columns so a byte's two codes meet contiguous x
+  std::vector<float> xs(M * G), xe(nibbles ? M * K / 2 : 0), xo(nibbles ? M * K / 2 : 0);
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int64_t k = 0; k < group; ++k) s += X[r * K + g * group + k];
+      xs[r * G + g] = s;
+    }
+    if (nibbles)
+      for (int64_t j = 0; j < K / 2; ++j) {
+        xe[r * K / 2 + j] = X[r * K + 2 * j];
+        xo[r * K / 2 + j] = X[r * K + 2 * j + 1];
+      }
+  }
+  const float *XE = nibbles ? xe.data() : X, *XO = nibbles ? xo.data() : X;
+  const int64_t x_stride = nibbles ? K / 2 : K;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
-      for (int64_t r = 0; r < M; ++r)
-        Y[r * N + n] = row_dot<NIBBLES>(P + n * row_bytes, XE + r * x_stride, XO + r * x_stride,
-                                        S + n * G, Z + n * G, XS + r * G, G, group);
+      for (int64_t r = 0; r < M; ++r) {
+        const float v = nibbles
+            ? row_dot<true>(P + n * row_bytes, XE + r * x_stride, XO + r * x_stride, S + n * G, Z + n * G, xs.data() + r * G, G, group)
+            : row_dot<false>(P + n * row_bytes, XE + r * x_stride, XO + r * x_stride, S + n * G, Z + n * G, xs.data() + r * G, G, group);
+        Y[r * N + n] = v + (BIAS ? BIAS[n] : 0.f);
+      }
   });
   return y;
-}
-
-torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor minimum,
-                        int64_t N, int64_t K, int64_t group) {
-  return lowbit_matmul<true>(x, packed, scale, minimum, N, K, group);
-}
-
-torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minimum,
-                        int64_t N, int64_t K, int64_t group) {
-  return lowbit_matmul<false>(x, codes, scale, minimum, N, K, group);
 }
 """
 
 _DECLS = """
-torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor minimum,
-                        int64_t N, int64_t K, int64_t group);
-torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minimum,
-                        int64_t N, int64_t K, int64_t group);
+torch::Tensor lowbit_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minimum,
+                            torch::Tensor bias, int64_t N, int64_t K, int64_t group, int64_t bits, bool int8_act);
+bool int8_ready();
 """
+
+# "int8" (default): activations rounded to int8 per 32 columns, as llama.cpp does; "float": exact float32
+ACTIVATIONS = os.environ.get("EFFSPEC_KERNEL_ACTIVATIONS", "int8")
+if ACTIVATIONS not in ("int8", "float"):
+    raise ValueError(f"EFFSPEC_KERNEL_ACTIVATIONS={ACTIVATIONS!r}: expected int8 or float")
+INT8_ACTIVATIONS = ACTIVATIONS == "int8"
+EMPTY = torch.empty(0)  # "no bias"
 
 
 @lru_cache(maxsize=1)
@@ -167,7 +309,7 @@ def _module():
         from torch.utils.cpp_extension import load_inline
 
         log.info("effspec: loading the low-bit C++ kernels (built on first use per machine, about a minute)")
-        return load_inline(name="effspec_lowbit_v7", cpp_sources=[_DECLS, _SOURCE], functions=["q4_matmul", "q8_matmul"],
+        return load_inline(name="effspec_lowbit_v11", cpp_sources=[_DECLS, _SOURCE], functions=["lowbit_linear", "int8_ready"],
                            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache...: the other paths still work
@@ -179,13 +321,19 @@ def available() -> bool:
     return _module() is not None
 
 
-def q4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-              n: int, k: int, group: int) -> torch.Tensor:
-    """x (M, K) float32 times the 4-bit packed (N, K) weight's transpose: (M, N) float32."""
-    return _module().q4_matmul(x.contiguous(), packed, scale, minimum, n, k, group)
+def lowbit_linear_fn():
+    """The compiled `lowbit_linear(x, codes, scale, minimum, bias, N, K, group, bits, int8_act)` itself."""
+    return _module().lowbit_linear
 
 
-def q8_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-              n: int, k: int, group: int) -> torch.Tensor:
-    """x (M, K) float32 times the 8-bit (N, K) weight's transpose: (M, N) float32."""
-    return _module().q8_matmul(x.contiguous(), codes, scale, minimum, n, k, group)
+def lowbit_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                  bias: torch.Tensor | None, n: int, k: int, group: int, bits: int,
+                  activations: str | None = None) -> torch.Tensor:
+    """x (..., K) float32 times the packed (N, K) weight's transpose, plus bias: (..., N) float32.
+
+    `activations` ("int8" or "float"; default `ACTIVATIONS`) picks llama.cpp-style int8 rounding of x per
+    32 columns -- ~2.5x faster here, relative error ~1e-2 -- or exact float32 arithmetic.
+    """
+    int8 = (activations or ACTIVATIONS) == "int8"
+    return _module().lowbit_linear(x.contiguous(), codes, scale, minimum, EMPTY if bias is None else bias,
+                                   n, k, group, bits, int8)

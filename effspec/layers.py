@@ -8,9 +8,12 @@ Forward has two paths that compute the same function, chosen by the number of
 rows (tokens) in the input:
 
 - kernel, below `KERNEL_MAX_ROWS` rows (decode): for 4- and 8-bit codes,
-  effspec's own float32 matrix-vector kernels (`effspec.kernels`, compiled on
-  first use), which read the packed bytes in place and agree with the exact
-  path up to summation order. Where they are not available (no compiler, other
+  effspec's own matrix-vector kernels (`effspec.kernels`, compiled on first
+  use), which read the packed bytes in place. By default they round the
+  activations to int8 per 32 columns as llama.cpp does (integer dot products;
+  outputs within ~1% of the exact path); `EFFSPEC_KERNEL_ACTIVATIONS=float`
+  keeps float32 activations, exact up to summation order. Where they are not
+  available (no compiler, other
   bit widths): torch's CPU low-bit matmuls -- `_weight_int4pack_mm_for_cpu` for
   2/3/4-bit codes with groups of 32/64/128/256 (per-channel grids fed as
   repeated group scales) and `_weight_int8pack_mm` for per-channel 8-bit -- in
@@ -140,7 +143,10 @@ class QuantLinear(nn.Module):
         g, N, K = self.grid, self.out_features, self.in_features
         form: tuple = ("none",)
         if g.bits in (4, 8) and self.group % 32 == 0 and effspec_kernels.available():
-            form = ("cpp", self.scales.float().contiguous(), self.minimums().contiguous())
+            bias = effspec_kernels.EMPTY if self.bias is None else self.bias.float().contiguous()
+            # everything the call needs, so the decode path reads no module attributes
+            form = ("cpp", effspec_kernels.lowbit_linear_fn(), self.qweight, self.scales.float().contiguous(),
+                    self.minimums().contiguous(), bias, N, K, self.group, g.bits)
         elif g.bits <= 4 and N % 16 == 0:
             group = self.group if self.group in INT4_GROUPS else next(
                 (c for c in (64, 32) if g.group_size == 0 and K % c == 0), None)
@@ -160,18 +166,19 @@ class QuantLinear(nn.Module):
         return None if form[0] == "none" else form
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        form = self._kernel
+        if form is not None and form[0] == "cpp" and _KERNELS and x.numel() < KERNEL_MAX_ROWS * form[7]:
+            # the decode hot path (210 calls a token on smollm2): kept to one C++ call
+            _, fn, qweight, scale, minimum, bias, n, k, group, bits = form
+            y = fn(x.float().contiguous(), qweight, scale, minimum, bias, n, k, group, bits, effspec_kernels.INT8_ACTIVATIONS)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         rows = x.numel() // x.shape[-1]
         form = self._kernel_form() if _KERNELS and rows < KERNEL_MAX_ROWS else None
         if form is None:
             return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         shape = x.shape
         if form[0] == "cpp":
-            matmul = effspec_kernels.q4_matmul if self.grid.bits == 4 else effspec_kernels.q8_matmul
-            y = matmul(x.reshape(-1, shape[-1]).float(), self.qweight, form[1], form[2],
-                       self.out_features, self.in_features, self.group).to(x.dtype)
-            if self.bias is not None:
-                y = y + self.bias.to(x.dtype)
-            return y.reshape(*shape[:-1], self.out_features)
+            return self.forward(x)
         xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         if form[0] == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, form[1], form[2], form[3]).to(x.dtype)

@@ -13,8 +13,14 @@ per-channel). Dequantization is one affine map per group,
   reproduces them exactly.
 - symmetric: the zero point is fixed at the middle code `2**(bits-1)`, so
   `minimum = -2**(bits-1) * scale` is implied and not stored, and
-  `scale = 2 * absmax / (2**bits - 1)` (the convention of GPTQ's reference
-  quantizer).
+  `scale = peak / -2**(bits-1)`, where `peak` is the group's largest-magnitude
+  weight *with its sign* (GGML's Q4_0 rule; the scale is negative when the peak
+  is positive). The peak lands exactly on code 0, the end of the grid with one
+  more step, and the other side keeps 2**(bits-1) - 1 steps. GPTQ's reference
+  and llm-compressor use `scale = 2 * absmax / (2**bits - 1)` instead, which
+  puts the peak on a rounding tie and pulls half the peaks in by half a step; on
+  smollm2 at w4 g64 that costs 7% perplexity (26.37 vs 24.43 on two 2048-token
+  WikiText-2 windows), because a small model's largest weights matter most.
 
 Scales and minimums are stored in float16 (as GGML does) unless a value falls
 outside float16's normal range, in which case float32 is kept; codes are
@@ -72,12 +78,12 @@ def grid_params(W: torch.Tensor, grid: Grid, group: int) -> tuple[torch.Tensor, 
     out, inp = W.shape
     Wg = W.float().reshape(out, inp // group, group)
     if grid.symmetric:
-        amax = Wg.abs().amax(-1)
-        scale = 2 * amax / grid.maxq
+        peak = Wg.gather(-1, Wg.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        scale = peak / -(2 ** (grid.bits - 1))
     else:
         wmin, wmax = Wg.amin(-1), Wg.amax(-1)
         scale = (wmax - wmin) / grid.maxq
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group: any scale works
+    scale = torch.where(scale != 0, scale, torch.ones_like(scale))  # all-zero group: any scale works
     if grid.symmetric:
         minimum = -(2 ** (grid.bits - 1)) * scale
     else:

@@ -120,7 +120,7 @@ def test_nf4_beats_int4_round_to_nearest_on_normal_weights():
     lin = nn.Linear(1024, 512, bias=False)
     lin.weight.data = W
     int4_mse = ((QuantLinear.from_linear(lin, Grid(4, 64, True)).dequantized_weight() - W) ** 2).mean()
-    assert nf4_mse < 0.9 * int4_mse  # measured 0.81x
+    assert nf4_mse < 0.97 * int4_mse  # measured 0.94x against the Q4_0-rule grid (0.81x against absmax/7.5)
 
 
 def test_double_quantization_costs_little_and_saves_absmax_bytes():
