@@ -3,6 +3,10 @@
 Greedy decoding: prefill the prompt once (filling the cache), then feed back the
 argmax token one step at a time. Separating the two phases is what the speed
 protocol measures (BENCHMARKS.md: prefill tokens/s and decode tokens/s).
+
+Llama-family models run on `effspec.decoder` (a static cache, no per-token
+framework overhead); other causal LMs on transformers' own forward with a
+`DynamicCache`. `engine="transformers"` forces the latter.
 """
 
 from __future__ import annotations
@@ -39,8 +43,19 @@ def cache_bytes(cache) -> int:
 
 
 @torch.inference_mode()
-def greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Generation:
-    """Generate up to `max_new_tokens` greedily after `prompt` (1-D ids); stops at `eos_token_id`."""
+def greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
+           engine: str = "auto") -> Generation:
+    """Generate up to `max_new_tokens` greedily after `prompt` (1-D ids); stops at `eos_token_id`.
+
+    `engine`: "auto" (effspec.decoder where supported), "lean" or "transformers".
+    """
+    from effspec import decoder
+
+    if engine not in ("auto", "lean", "transformers"):
+        raise ValueError(f"engine={engine!r}: expected auto, lean or transformers")
+    if engine == "lean" or (engine == "auto" and decoder.supported(model)):
+        return _greedy_lean(decoder.LeanDecoder(model, prompt.numel() + max_new_tokens), prompt, max_new_tokens,
+                            eos_token_id)
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
@@ -56,3 +71,18 @@ def greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, eos_toke
         out.append(int(logits.argmax(-1)))
     t2 = time.perf_counter()
     return Generation(torch.tensor(out), t1 - t0, t2 - t1, cache_bytes(cache))
+
+
+def _greedy_lean(lean, prompt: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> Generation:
+    t0 = time.perf_counter()
+    logits = lean.forward(prompt)
+    t1 = time.perf_counter()
+    out = [int(logits[-1].argmax())]
+    step = torch.empty(1, dtype=prompt.dtype)
+    for _ in range(max_new_tokens - 1):
+        if eos_token_id is not None and out[-1] == eos_token_id:
+            break
+        step[0] = out[-1]
+        out.append(int(lean.forward(step)[-1].argmax()))
+    t2 = time.perf_counter()
+    return Generation(torch.tensor(out), t1 - t0, t2 - t1, lean.cache.filled_bytes)

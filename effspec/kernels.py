@@ -203,14 +203,6 @@ static inline float lowbit_dot_i8(const uint8_t* w, const int8_t* xq, const floa
 }
 #endif
 
-bool int8_ready() {
-#if defined(__AVX2__) && defined(__FMA__)
-  return true;
-#else
-  return false;
-#endif
-}
-
 // y = x W_hat^T (+ bias) for x (..., K) float32 and an (N, K) weight of `bits`-bit codes (4: two a byte,
 // column 2j in the low nibble of byte j; 8: one a byte) with per-group scale and minimum (N, K/group)
 // float32. int8_act: x rounded to int8 per 32 columns (needs AVX2, K % 64 == 0 for 4 bits), else float.
@@ -285,12 +277,89 @@ torch::Tensor lowbit_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   });
   return y;
 }
+
+// ---- the rest of a decode step (effspec.decoder): one call where eager torch takes five to ten ops --
+// RMSNorm of each row of x (T, D): x * rsqrt(mean(x^2) + eps) * w.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && w.scalar_type() == torch::kFloat, "float32");
+  const int64_t D = x.size(-1), T = x.numel() / D;
+  auto y = torch::empty_like(x);
+  const float *X = x.data_ptr<float>(), *W = w.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    float ss = 0.f;
+    for (int64_t i = 0; i < D; ++i) ss += X[t * D + i] * X[t * D + i];
+    const float r = 1.f / std::sqrt(ss / D + (float)eps);
+    for (int64_t i = 0; i < D; ++i) Y[t * D + i] = X[t * D + i] * r * W[i];
+  }
+  return y;
+}
+
+// silu(g) * u, elementwise.
+torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u) {
+  TORCH_CHECK(g.scalar_type() == torch::kFloat && g.is_contiguous() && u.is_contiguous() && g.numel() == u.numel(), "float32");
+  auto y = torch::empty_like(g);
+  const float *G = g.data_ptr<float>(), *U = u.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  for (int64_t i = 0; i < g.numel(); ++i) Y[i] = G[i] / (1.f + std::exp(-G[i])) * U[i];
+  return y;
+}
+
+// One decode position: RoPE (transformers' half-split form) on q (H*d) and k (KV*d) at table row
+// cos/sin (d), k and v written into the block's caches (KV, max_len, d) at `pos`, then every query head
+// attends over positions 0..pos of its key/value head (GQA: heads h*H/KV.. share one). Returns (1, H*d).
+torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
+                          torch::Tensor kcache, torch::Tensor vcache, int64_t pos, double scale) {
+  const int64_t d = cos.numel(), H = q.numel() / d, KV = k.numel() / d, L = kcache.size(1), half = d / 2;
+  TORCH_CHECK(kcache.is_contiguous() && vcache.is_contiguous() && pos < L && q.is_contiguous() && k.is_contiguous()
+              && v.is_contiguous(), "rope_attend: contiguous float32 inputs, pos inside the cache");
+  const float *Q = q.data_ptr<float>(), *Kn = k.data_ptr<float>(), *Vn = v.data_ptr<float>();
+  const float *C = cos.data_ptr<float>(), *S = sin.data_ptr<float>();
+  float *KC = kcache.data_ptr<float>(), *VC = vcache.data_ptr<float>();
+  auto rope = [&](const float* x, float* out) {
+    for (int64_t i = 0; i < half; ++i) {
+      out[i] = x[i] * C[i] - x[i + half] * S[i];
+      out[i + half] = x[i + half] * C[i + half] + x[i] * S[i + half];
+    }
+  };
+  for (int64_t h = 0; h < KV; ++h) {
+    rope(Kn + h * d, KC + (h * L + pos) * d);
+    std::copy(Vn + h * d, Vn + (h + 1) * d, VC + (h * L + pos) * d);
+  }
+  auto o = torch::zeros({1, H * d}, q.options());
+  float* O = o.data_ptr<float>();
+  std::vector<float> qr(d), p(pos + 1);
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t kv = h / (H / KV);
+    rope(Q + h * d, qr.data());
+    const float* Kh = KC + kv * L * d;
+    float m = -INFINITY;
+    for (int64_t j = 0; j <= pos; ++j) {
+      float s = 0.f;
+      for (int64_t i = 0; i < d; ++i) s += qr[i] * Kh[j * d + i];
+      p[j] = s * (float)scale;
+      m = std::max(m, p[j]);
+    }
+    float z = 0.f;
+    for (int64_t j = 0; j <= pos; ++j) z += (p[j] = std::exp(p[j] - m));
+    const float* Vh = VC + kv * L * d;
+    float* Oh = O + h * d;
+    for (int64_t j = 0; j <= pos; ++j) {
+      const float pj = p[j] / z;
+      for (int64_t i = 0; i < d; ++i) Oh[i] += pj * Vh[j * d + i];
+    }
+  }
+  return o;
+}
 """
 
 _DECLS = """
 torch::Tensor lowbit_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minimum,
                             torch::Tensor bias, int64_t N, int64_t K, int64_t group, int64_t bits, bool int8_act);
-bool int8_ready();
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u);
+torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
+                          torch::Tensor kcache, torch::Tensor vcache, int64_t pos, double scale);
 """
 
 # "int8" (default): activations rounded to int8 per 32 columns, as llama.cpp does; "float": exact float32
@@ -309,7 +378,7 @@ def _module():
         from torch.utils.cpp_extension import load_inline
 
         log.info("effspec: loading the low-bit C++ kernels (built on first use per machine, about a minute)")
-        return load_inline(name="effspec_lowbit_v11", cpp_sources=[_DECLS, _SOURCE], functions=["lowbit_linear", "int8_ready"],
+        return load_inline(name="effspec_lowbit_v12", cpp_sources=[_DECLS, _SOURCE], functions=["lowbit_linear", "rms_norm", "silu_mul", "rope_attend"],
                            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache...: the other paths still work
@@ -337,3 +406,8 @@ def lowbit_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, min
     int8 = (activations or ACTIVATIONS) == "int8"
     return _module().lowbit_linear(x.contiguous(), codes, scale, minimum, EMPTY if bias is None else bias,
                                    n, k, group, bits, int8)
+
+
+def decode_ops():
+    """The compiled decode-step helpers (`rms_norm`, `silu_mul`, `rope_attend`), or None without a compiler."""
+    return _module()

@@ -3,9 +3,10 @@
 Decode: batch 1, a `prompt_tokens` prompt, `new_tokens` greedy tokens; prefill and
 decode timed apart; one warm-up run, then the median of `runs`. Prefill: one
 window of `prefill_tokens` tokens, tokens/s, median of `runs`. Peak memory is
-the process's peak resident set during the measured runs. Timing is whatever
-path the model runs (e.g. bf16 kernels of packed layers), the same path its
-perplexity was measured on.
+the process's peak resident set during the measured runs. Decode runs on
+`effspec.generate.greedy` (effspec's lean decoder for Llama-family models,
+transformers' forward otherwise) and the packed layers' decode kernels; prefill
+on transformers' forward, the path perplexity is measured on.
 """
 
 from __future__ import annotations

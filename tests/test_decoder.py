@@ -1,0 +1,130 @@
+"""effspec.decoder against transformers' own forward: same logits, same greedy tokens, packed or not."""
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from effspec import decoder, kernels
+from effspec.decoder import LeanDecoder
+from effspec.generate import greedy
+from effspec.models import load_model
+from effspec.registry import get_step
+
+PROMPT = torch.randint(0, 256, (23,), generator=torch.Generator().manual_seed(0))
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(ids[None], use_cache=False).logits[0]
+
+
+def lean_logits(model, ids, prefill: int, engine_ops: bool = True):
+    """Logits of every position: a prefill of `prefill` tokens, then one token a step."""
+    with torch.inference_mode():
+        lean = LeanDecoder(model, ids.numel())
+        if not engine_ops:
+            lean.ops = None
+        rows = [lean.forward(ids[:prefill], last_only=False)]
+        for t in range(prefill, ids.numel()):
+            rows.append(lean.forward(ids[t:t + 1]))
+    return torch.cat(rows)
+
+
+def rtn(model, bits=4, group=32):
+    step = get_step("rtn")
+    return step.apply(model, step.config(bits=bits, group_size=group, symmetric=True))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("ops", [True, False])
+def test_lean_logits_equal_transformers_float(name, ops):
+    model = load_model(name).model
+    if ops and kernels.decode_ops() is None:
+        pytest.skip("no C++ compiler: the eager path is the other parametrization")
+    assert decoder.supported(model)
+    expected = hf_logits(model, PROMPT)
+    got = lean_logits(model, PROMPT, prefill=9, engine_ops=ops)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_lean_greedy_reproduces_transformers_greedy_with_packed_layers():
+    model = rtn(load_model("tiny-llama").model)
+    a = greedy(model, PROMPT, 20, engine="transformers")
+    b = greedy(model, PROMPT, 20, engine="lean")
+    assert torch.equal(a.tokens, b.tokens)
+    assert a.cache_bytes == b.cache_bytes  # both hold prompt + 19 positions
+
+
+def test_lean_decoder_runs_wrapped_modules_of_rotated_models():
+    """rotate swaps norms and down_proj for wrappers: the lean loop must call them, not bypass them."""
+    model = load_model("tiny-llama").model
+    step = get_step("rotate")
+    model = step.apply(model, step.config(seed=0))
+    assert decoder.supported(model)
+    assert torch.allclose(lean_logits(model, PROMPT, prefill=5), hf_logits(model, PROMPT), atol=1e-4, rtol=1e-4)
+
+
+def test_multi_token_step_after_prefill_is_causal():
+    """A k-token step over a filled cache (a speculative verify) sees the prefix and its own earlier tokens."""
+    model = load_model("tiny-llama").model
+    expected = hf_logits(model, PROMPT)
+    with torch.inference_mode():
+        lean = LeanDecoder(model, PROMPT.numel())
+        lean.forward(PROMPT[:10])
+        got = lean.forward(PROMPT[10:16], last_only=False)
+    assert torch.allclose(got, expected[10:16], atol=1e-4, rtol=1e-4)
+
+
+def test_cache_overflow_is_a_clear_error():
+    model = load_model("tiny-llama").model
+    with torch.inference_mode():
+        lean = LeanDecoder(model, 8)
+        lean.forward(PROMPT[:8])
+        with pytest.raises(ValueError, match="cache holds 8 positions"):
+            lean.forward(PROMPT[8:9])
+
+
+def test_unsupported_layouts_fall_back_to_transformers():
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    assert not decoder.supported(model)
+    assert not decoder.supported(torch.nn.Linear(2, 2))
+    gen = greedy(model, torch.tensor([1, 2, 3]), 4)  # auto: transformers' forward
+    assert gen.tokens.numel() == 4
+    with pytest.raises(ValueError, match="not a block layout"):
+        LeanDecoder(model, 8)
+
+
+def test_rope_attend_matches_a_reference_with_grouped_heads():
+    ops = kernels.decode_ops()
+    if ops is None:
+        pytest.skip("no C++ compiler here")
+    g = torch.Generator().manual_seed(3)
+    H, KV, d, L, pos = 6, 2, 8, 12, 7
+    q, k, v = (torch.randn(1, n * d, generator=g) for n in (H, KV, KV))
+    theta = torch.rand(d // 2, generator=g) * 3
+    cos, sin = torch.cat([theta.cos()] * 2), torch.cat([theta.sin()] * 2)
+    kc, vc = torch.randn(KV, L, d, generator=g), torch.randn(KV, L, d, generator=g)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    o = ops.rope_attend(q, k, v, cos, sin, kc, vc, pos, 0.3)
+
+    def rope(x):  # transformers' rotate_half form
+        return x * cos + torch.cat((-x[..., d // 2:], x[..., : d // 2]), -1) * sin
+
+    kc_ref[:, pos], vc_ref[:, pos] = rope(k.view(KV, d)), v.view(KV, d)
+    assert torch.allclose(kc, kc_ref, atol=1e-6) and torch.equal(vc, vc_ref)
+    qh = rope(q.view(H, d))
+    ref = []
+    for h in range(H):
+        kv = h // (H // KV)
+        p = torch.softmax(kc_ref[kv, : pos + 1] @ qh[h] * 0.3, 0)
+        ref.append(p @ vc_ref[kv, : pos + 1])
+    assert torch.allclose(o, torch.cat(ref)[None], atol=1e-5)
+    x = torch.randn(3, 16, generator=g)
+    w = torch.rand(16, generator=g)
+    assert torch.allclose(ops.rms_norm(x, w, 1e-6), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w, atol=1e-6)
+    assert torch.allclose(ops.silu_mul(x, w.expand(3, 16).contiguous()), torch.nn.functional.silu(x) * w, atol=1e-6)
+    assert math.isfinite(float(o.sum()))
