@@ -142,6 +142,15 @@ def build_settings() -> dict[str, Setting]:
         out.append(Setting(f"rotategptq-{g}", f"[{{rotate: {{seed: 0}}}}, {{gptq: {{{_grid(bits, group, True)}}}}}]",
                            (("SpinQuantModifier", {"rotations": ["R1", "R4"], "transform_type": "random-hadamard"}),
                             ("GPTQModifier", weight_only(bits, group, True)))))
+    # the w4 g64 layers plus an 8-bit per-channel output head: what llama.cpp's 4-bit files do with the head
+    head8 = weight_only(4, 64, True)
+    head8["config_groups"]["group_0"]["targets"] = ["re:.*_proj$"]
+    head8["config_groups"]["group_1"] = {"targets": ["lm_head"], "weights": {"num_bits": 8, "type": "int",
+                                                                              "symmetric": True, "strategy": "channel"}}
+    head8["ignore"] = []
+    out.append(Setting("rtn-w4g64-head8", f"[{{rtn: {{{_grid(4, 64, True)}}}}}, "
+                       f"{{rtn: {{{_grid(8, 0, True)}, targets: [lm_head], ignore: []}}}}]",
+                       (("QuantizationModifier", head8),)))
     out += [
         Setting("smoothquant-w8a8", "[{smoothquant: {alpha: 0.5}}]",
                 (("SmoothQuantModifier", {"smoothing_strength": 0.5}), ("QuantizationModifier", W8A8))),
@@ -543,9 +552,12 @@ def verdicts(comps: list[dict], rows: list[dict]) -> list[str]:
                    f"(largest: {worst['setting']}, {(worst['peak_rss_bytes'] - worst['model_bytes']) / 2**30:.2f} GiB over "
                    f"the model's {worst['model_bytes'] / 2**30:.2f} GiB)" + (f"; missed by {', '.join(miss)}" if miss else ""))
     by = {(r["setting"], r["side"]): r for r in rows if r.get("status") == "ok"}
-    fl, w4, lc = by.get(("float", "effspec")), by.get(("rtn-w4g64", "effspec")), by.get(("llamacpp-q4_1", "llamacpp"))
-    if w4:
-        parts = [f"packed w4 g64 (rtn-w4g64) decode {w4['decode_tokens_per_s']:.2f} tok/s"]
+    fl, lc = by.get(("float", "effspec")), by.get(("llamacpp-q4_1", "llamacpp"))
+    for name in ("rtn-w4g64", "rtn-w4g64-head8"):
+        w4 = by.get((name, "effspec"))
+        if not w4:
+            continue
+        parts = [f"packed w4 g64 ({name}) decode {w4['decode_tokens_per_s']:.2f} tok/s"]
         if fl:
             x = w4["decode_tokens_per_s"] / fl["decode_tokens_per_s"]
             parts.append(f"{x:.2f}x effspec float32 ({fl['decode_tokens_per_s']:.2f}; target >= {TARGET_W4_SPEEDUP:.0f}x: "

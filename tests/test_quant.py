@@ -20,7 +20,7 @@ def reference_rtn(W: torch.Tensor, bits: int, group: int, symmetric: bool) -> to
         for c in range(0, W.shape[1], group):
             w = W[r, c : c + group].double()
             if symmetric:  # GGML Q4_0's rule: the signed peak sits exactly on code 0
-                peak = w[w.abs().argmax()]
+                peak = w.max() if w.max() >= -w.min() else w.min()
                 scale = peak / -(2 ** (bits - 1))
                 scale = torch.tensor(float(scale), dtype=torch.float16).double()
                 minimum = -(2 ** (bits - 1)) * scale
