@@ -42,6 +42,7 @@ from torch import nn
 
 from effspec import kernels as effspec_kernels
 from effspec.layers_float import FP8Linear, NF4Linear  # never imports this module: no cycle
+from effspec.sparsity import SparseLinear  # never imports this module: no cycle
 from effspec.quant import Grid, dequantize, grid_params, pack_bits, quantize, storage_dtype, unpack_bits
 
 _KERNELS = os.environ.get("EFFSPEC_KERNELS", "1") != "0"
@@ -196,5 +197,5 @@ class QuantLinear(nn.Module):
                 f"group={g.group_size or 'channel'}, {'sym' if g.symmetric else 'asym'}")
 
 
-PACKED_LAYERS: dict[str, type[QuantLinear] | type[NF4Linear] | type[FP8Linear]] = {
-    QuantLinear.kind: QuantLinear, NF4Linear.kind: NF4Linear, FP8Linear.kind: FP8Linear}
+PACKED_LAYERS: dict[str, type[QuantLinear] | type[NF4Linear] | type[FP8Linear] | type[SparseLinear]] = {
+    QuantLinear.kind: QuantLinear, NF4Linear.kind: NF4Linear, FP8Linear.kind: FP8Linear, SparseLinear.kind: SparseLinear}

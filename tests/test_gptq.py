@@ -89,7 +89,7 @@ def test_gptq_step_on_a_tiny_model_beats_rtn_on_its_calibration_text():
 
 def test_replaying_finished_sublayers_changes_nothing(monkeypatch):
     """Later passes replay attention/MLP from captured inputs; codes must equal those of full re-runs."""
-    import effspec.steps.quantize.gptq as gptq
+    import effspec.layerwise as gptq  # the engine gptq runs on
 
     def quantized_codes(replay: bool):
         lm = load_model("tiny-llama")
@@ -109,7 +109,7 @@ def test_replaying_finished_sublayers_changes_nothing(monkeypatch):
 
 
 def test_plan_finds_shared_inputs_and_replayable_children():
-    import effspec.steps.quantize.gptq as gptq
+    import effspec.layerwise as gptq  # the engine gptq runs on
     from effspec.calibrate import block0_inputs
 
     lm = load_model("tiny-llama")

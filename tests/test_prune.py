@@ -7,7 +7,7 @@ from effspec.errors import UserError
 from effspec.measure.size import size
 from effspec.models import load_model
 from effspec.registry import get_step
-from effspec.steps.prune.magnitude import nm_mask, unstructured_mask
+from effspec.sparsity import nm_mask, unstructured_mask
 
 
 def test_unstructured_mask_removes_exactly_the_smallest():

@@ -4,7 +4,8 @@ Parameters are counted logically (a packed 4-bit linear layer of shape
 out x in still has out*in parameters); bytes are what its state holds, with
 tied tensors counted once. "Linear" figures cover the linear layers (float or
 packed) other than the output head, the part compression steps target.
-Sparsity is the fraction of exact zeros in float linear weights, per layer.
+Sparsity is the fraction of exact zeros in float linear weights, or of pruned
+positions in sparse-stored ones (`effspec.sparsity.SparseLinear`), per layer.
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ def size(model: nn.Module) -> Size:
         if _is_linear(name, module, head):
             lin_stored += m_bytes
             lin_params += m_params
-            if type(module) is nn.Linear:
-                z = int((module.weight == 0).sum())
-                layer_sparsity[name] = z / module.weight.numel()
+            if type(module) is nn.Linear or hasattr(module, "sparsity"):  # float, or stored sparse
+                n = module.in_features * module.out_features
+                z = int((module.weight == 0).sum()) if type(module) is nn.Linear else round(module.sparsity() * n)
+                layer_sparsity[name] = z / n
                 zeros += z
-                dense += module.weight.numel()
+                dense += n
     return Size(stored, params, 8 * stored / max(params, 1), lin_stored, lin_params,
                 8 * lin_stored / max(lin_params, 1), zeros / dense if dense else None, layer_sparsity)

@@ -1,0 +1,156 @@
+"""Wanda and SparseGPT against references written here, and the sparse storage they produce."""
+
+import pytest
+import torch
+from torch import nn
+
+from effspec.layers import QuantLinear
+from effspec.measure.size import size
+from effspec.models import load_model, save_model
+from effspec.quant import Grid
+from effspec.registry import get_step
+from effspec.sparsity import SparseLinear
+from effspec.steps.prune.sparsegpt import SparseGPTConfig, sparsegpt_prune
+from effspec.steps.prune.wanda import WandaConfig, wanda_mask
+
+CALIB = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def correlated_inputs(n=2048, d=64, seed=0):
+    """Tokens with correlated features of very uneven scale, as LLM activations have."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    scale = torch.exp(torch.randn(d, generator=g))
+    return (torch.randn(n, d, generator=g) @ mix) * scale
+
+
+def output_error(W, W_hat, X):
+    return ((X @ (W - W_hat).t()) ** 2).sum().item()
+
+
+def hessian(X):
+    return 2 * X.t() @ X / X.shape[0]
+
+
+def magnitude_prune(W, sparsity=None, nm=None):
+    if nm:
+        n, m = nm
+        g = W.abs().view(W.shape[0], -1, m)
+        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.topk(n, -1).indices, True).view_as(W)
+    else:
+        k = int(sparsity * W.numel())
+        keep = torch.ones(W.numel(), dtype=torch.bool)
+        keep[W.abs().flatten().argsort()[:k]] = False
+        keep = keep.view_as(W)
+    return W * keep
+
+
+# ---- Wanda --------------------------------------------------------------------------------------------
+def test_wanda_mask_is_eq1_per_output_row():
+    torch.manual_seed(0)
+    W, X = torch.randn(16, 64), correlated_inputs()
+    keep = wanda_mask(W, X.norm(dim=0), WandaConfig(sparsity=0.5))
+    for r in range(16):  # reference: per row, drop the 32 lowest |W| * ||X_j||
+        score = W[r].abs() * X.norm(dim=0)
+        dropped = set(score.argsort()[:32].tolist())
+        assert set((~keep[r]).nonzero().flatten().tolist()) == dropped
+    keep24 = wanda_mask(W, X.norm(dim=0), WandaConfig(nm="2:4"))
+    assert (keep24.view(16, -1, 4).sum(-1) == 2).all()
+
+
+def test_wanda_beats_magnitude_on_uneven_inputs():
+    W, X = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)), correlated_inputs()
+    for cfg, nm in ((WandaConfig(sparsity=0.5), None), (WandaConfig(nm="2:4"), (2, 4))):
+        wanda = W * wanda_mask(W, X.norm(dim=0), cfg)
+        mag = magnitude_prune(W, 0.5, nm)
+        assert output_error(W, wanda, X) < 0.8 * output_error(W, mag, X)
+
+
+# ---- SparseGPT ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
+def test_sparsegpt_beats_wanda_and_magnitude_on_its_layer(nm):
+    W, X = torch.randn(32, 64, generator=torch.Generator().manual_seed(2)), correlated_inputs()
+    cfg = SparseGPTConfig(nm=f"{nm[0]}:{nm[1]}" if nm else "", block_size=32)
+    r = sparsegpt_prune(W, hessian(X), cfg)
+    e_sgpt = output_error(W, r.weight, X)
+    e_wanda = output_error(W, W * wanda_mask(W, X.norm(dim=0), WandaConfig(nm=cfg.nm)), X)
+    e_mag = output_error(W, magnitude_prune(W, 0.5, nm), X)
+    assert e_sgpt < e_wanda < e_mag
+    assert (r.weight[~r.keep] == 0).all()  # pruned -> exactly zero
+    if nm:
+        assert (r.keep.view(32, -1, nm[1]).sum(-1) == nm[0]).all()  # the pattern, exactly, in every row
+    else:
+        for b in range(0, 64, 32):  # exact sparsity in every mask-selection block
+            assert int((~r.keep[:, b:b + 32]).sum()) == 32 * 32 // 2
+
+
+def test_sparsegpt_with_no_pruning_leaves_the_layer_unchanged():
+    W, X = torch.randn(8, 64), correlated_inputs()
+    r = sparsegpt_prune(W, hessian(X), SparseGPTConfig(sparsity=0.0))
+    assert torch.allclose(r.weight, W, atol=1e-5) and r.keep.all()
+
+
+def test_joint_prune_and_quantize_beats_prune_then_round():
+    W, X = torch.randn(32, 64, generator=torch.Generator().manual_seed(3)), correlated_inputs()
+    cfg = SparseGPTConfig(sparsity=0.5, bits=4, group_size=32, block_size=32)
+    r = sparsegpt_prune(W, hessian(X), cfg)
+    layer = QuantLinear.from_codes(r.codes, r.scale, r.minimum, cfg.grid, None)
+    W_hat = layer.dequantized_weight()
+    assert torch.allclose(W_hat, r.weight, atol=1e-6)  # the codes are the weights the sweep compensated for
+    assert (W_hat[~r.keep] == 0).all()  # pruned weights are the grid's exact zero code
+    pruned_only = sparsegpt_prune(W, hessian(X), SparseGPTConfig(sparsity=0.5, block_size=32))
+    lin = nn.Linear(64, 32, bias=False)
+    lin.weight.data = pruned_only.weight
+    rounded = QuantLinear.from_linear(lin, Grid(4, 32, True)).dequantized_weight()
+    assert output_error(W, W_hat, X) < output_error(W, rounded, X)
+
+
+def test_bad_sparsegpt_configs():
+    with pytest.raises(ValueError, match="bits"):
+        SparseGPTConfig(bits=5)
+    with pytest.raises(ValueError, match="block_size"):
+        SparseGPTConfig(nm="2:3", block_size=128)
+
+
+# ---- the steps on a model, and storage --------------------------------------------------------------------
+@pytest.mark.parametrize("step,fields", [("wanda", {"sparsity": 0.5}), ("wanda", {"nm": "2:4"}),
+                                         ("sparsegpt", {"sparsity": 0.5}), ("sparsegpt", {"nm": "4:8"})])
+def test_steps_store_sparse_layers_that_really_shrink(step, fields, tmp_path):
+    lm = load_model("tiny-llama")
+    before = size(lm.model)
+    info = get_step(step)
+    model = info.apply(lm.model, info.config(**fields), CALIB)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    assert len(layers) == 14
+    assert all(m.sparsity() == pytest.approx(0.5, abs=1e-3) for m in layers.values())
+    after = size(model)
+    assert after.sparsity == pytest.approx(0.5, abs=1e-3)
+    assert after.linear_stored_bytes < 0.55 * before.linear_stored_bytes  # 17 of 32 bits a weight
+    with torch.no_grad():
+        logits = model(CALIB[:1]).logits
+    save_model(model, lm.tokenizer, tmp_path / "m", {"steps": [step]})
+    back = load_model(str(tmp_path / "m")).model
+    with torch.no_grad():
+        assert torch.equal(back(CALIB[:1]).logits, logits)
+
+
+def test_sparse_linear_round_trip_and_bytes():
+    torch.manual_seed(4)
+    lin = nn.Linear(64, 16)
+    keep = torch.rand(16, 64) > 0.5
+    layer = SparseLinear.from_weight(lin.weight.detach(), keep, lin.bias)
+    assert torch.equal(layer.dense_weight(), lin.weight.detach() * keep)
+    x = torch.randn(3, 64)
+    assert torch.allclose(layer(x), x @ (lin.weight.detach() * keep).t() + lin.bias.detach(), atol=1e-6)
+    stored = layer.mask.numel() + 4 * layer.values.numel() + 4 * 16
+    assert sum(t.numel() * t.element_size() for t in layer.state_dict().values()) == stored
+
+
+def test_sparsegpt_joint_step_gives_packed_sparse_weights():
+    lm = load_model("tiny-llama")
+    info = get_step("sparsegpt")
+    model = info.apply(lm.model, info.config(sparsity=0.5, bits=4, group_size=32, block_size=32), CALIB)
+    packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(packed) == 14
+    for m in packed:
+        assert (m.dequantized_weight() == 0).float().mean() >= 0.5
