@@ -28,7 +28,9 @@ are that setting's alone. The worker
    (`first_window_ppl_reloaded` against `first_window_ppl_in_memory`: does the
    checkpoint reload to what oneshot produced?), then decode speed as
    effspec.measure.speed does it (128-token prompt, greedy, DynamicCache, one
-   warm-up, median of `runs`) — the speed of the artifact a user deploys.
+   warm-up, median of `runs`) — the speed of the artifact a user deploys;
+   with `"prefill": true` in the spec (bench/prune.py), also prefill tokens/s
+   of the tokens file's `prefill` window, as effspec.measure.speed times it.
 
 It writes `out` (JSON). An exception is caught and written as {"error": ...}
 with its last line, so the caller can print llm-compressor's own message.
@@ -73,11 +75,12 @@ def safetensors_bytes(directory: Path) -> tuple[int, int]:
 
 
 def build_modifiers(spec: list) -> list:
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform import AWQModifier, SmoothQuantModifier, SpinQuantModifier
 
     known = {c.__name__: c for c in (GPTQModifier, QuantizationModifier, AWQModifier, SmoothQuantModifier,
-                                     SpinQuantModifier)}
+                                     SpinQuantModifier, SparseGPTModifier, WandaPruningModifier)}
     return [known[name](**kwargs) for name, kwargs in spec]
 
 
@@ -130,6 +133,21 @@ def greedy_decode(model, prompt, new_tokens: int) -> float:
             logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[:, -1]
             token = int(logits.argmax(-1))
         return (new_tokens - 1) / (time.perf_counter() - t0)
+
+
+def prefill_speed(model, window, runs: int) -> tuple[float, list[float]]:
+    """Median prefill tokens/s of one (L,) window and the runs: one forward without a cache, logits of the last
+    position only, after a short warm-up (the rule of effspec.measure.speed)."""
+    import torch
+
+    with torch.inference_mode():
+        model(window[None, :16], use_cache=False)  # warm-up
+        rates = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(window[None], use_cache=False, logits_to_keep=1)
+            rates.append(window.numel() / (time.perf_counter() - t0))
+    return statistics.median(rates), rates
 
 
 def run(spec: dict) -> dict:
@@ -195,6 +213,10 @@ def run(spec: dict) -> dict:
     runs = [greedy_decode(model, tokens["prompt"], spec["new_tokens"]) for _ in range(spec["runs"])]
     out.update(decode_tokens_per_s=statistics.median(runs), decode_runs=runs, threads=torch.get_num_threads(),
                peak_rss_end_bytes=vm_hwm(), worker_seconds=time.perf_counter() - t_start)
+    if spec.get("prefill"):  # off unless asked: bench/quantize.py's rows stay as they were
+        out["prefill_tokens_per_s"], out["prefill_runs"] = prefill_speed(model, tokens["prefill"], spec["runs"])
+        out["prefill_tokens"] = int(tokens["prefill"].numel())
+        out["worker_seconds"] = time.perf_counter() - t_start
     return out
 
 

@@ -143,7 +143,9 @@ class QuantLinear(nn.Module):
             return self._kernel if self._kernel[0] != "none" else None
         g, N, K = self.grid, self.out_features, self.in_features
         form: tuple = ("none",)
-        if g.bits in (4, 8) and self.group % 32 == 0 and effspec_kernels.available():
+        # effspec's kernels take any 8-bit grid and 4-bit groups of whole bytes (int8 activations need
+        # groups of 32; other widths use their float-activation path)
+        if (g.bits == 8 or (g.bits == 4 and self.group % 2 == 0)) and effspec_kernels.available():
             bias = effspec_kernels.EMPTY if self.bias is None else self.bias.float().contiguous()
             # everything the call needs, so the decode path reads no module attributes
             form = ("cpp", effspec_kernels.lowbit_linear_fn(), self.qweight, self.scales.float().contiguous(),
@@ -158,7 +160,7 @@ class QuantLinear(nn.Module):
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 2)
                 sz = torch.stack([s.t(), z.t()], -1).to(torch.bfloat16).contiguous()  # (K/group, N, 2)
                 form = ("int4", packed, group, sz)
-        elif g.bits == 8 and g.group_size == 0:
+        elif g.bits == 8 and g.group_size == 0 and K % 8 == 0:  # torch's int8pack kernel segfaults otherwise
             w8 = (self.codes().to(torch.int16) - 128).to(torch.int8)  # w = (q - 128) * s + (min + 128 s)
             s = self.scales.float()[:, 0]
             offset = None if g.symmetric else (self.minimums()[:, 0] + 128 * s)

@@ -223,3 +223,15 @@ def test_int8_kernel_falls_back_to_float_when_width_is_not_whole_64_column_chunk
         exact = q(x)
     assert q(x) is not None and q._kernel[0] == "cpp"
     assert torch.allclose(q(x), exact, atol=1e-4, rtol=1e-4)  # the float kernel: exact up to order
+
+
+@pytest.mark.parametrize("bits,K", [(8, 25), (8, 36), (4, 26), (4, 50)])
+def test_odd_widths_decode_correctly(bits, K):
+    """Widths like a low-rank factor's (rank 25): no kernel may read past a row or crash
+    (torch's int8pack kernel segfaults unless K % 8 == 0, so it is not used there)."""
+    torch.manual_seed(K)
+    q = QuantLinear.from_linear(nn.Linear(K, 40, bias=True), Grid(bits, 0, True))
+    x = torch.randn(24, K)
+    with kernels(False):
+        exact = q(x)
+    assert torch.allclose(q(x), exact, atol=1e-4, rtol=1e-4)  # float-activation kernel or exact path

@@ -52,7 +52,7 @@ def size(model: nn.Module) -> Size:
             seen.add(t.data_ptr())
             m_bytes += t.numel() * t.element_size()
             m_params += t.numel() if isinstance(t, nn.Parameter) else 0
-        if _is_packed(module):
+        if _is_packed(module) and next(module.children(), None) is None:  # a leaf: its logical weight
             m_params = module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0)
         stored += m_bytes
         params += m_params

@@ -1,0 +1,168 @@
+"""Low-rank factorization of linear layers: plain SVD, and activation-aware SVD (ASVD, Yuan et al. 2023).
+
+A linear layer W (out, in) becomes two, x -> B (A x), with A (r, in) and B (out,
+r) from the rank-r truncated SVD, split symmetrically: W ~ U_r S_r V_r^T,
+A = S_r^1/2 V_r^T, B = U_r S_r^1/2. That stores r (in + out) numbers instead of
+in * out, so it saves only below r = in out / (in + out); `ratio` is the fraction
+of each layer's parameters kept, r = floor(ratio * in out / (in + out)) (the
+same ratio for every layer, so both steps compare at equal parameter count).
+
+`asvd` first scales the input channels by their typical activation size,
+s_j = mean_t |x_tj| ^ alpha (alpha 0.5, the paper's choice), decomposes
+W diag(s), and folds diag(s)^-1 back into A: channels that carry large
+activations -- where truncation error costs the most output error -- are
+preserved first. Statistics come from one pass of the calibration data through
+the unchanged model.
+
+The factors are float `nn.Linear`s inside a `LowRankLinear`, so later steps
+(e.g. `rtn`) can quantize them and recovery tuning can train them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from effspec.config import expect
+from effspec.errors import UserError
+from effspec.layers import PACKED_LAYERS
+from effspec.progress import track
+from effspec.registry import register
+from effspec.surgery import linear_layers, replace_module
+
+log = logging.getLogger(__name__)
+
+
+class LowRankLinear(nn.Module):
+    """y = B (A x) + b: a rank-`rank` stand-in for an (out, in) linear layer."""
+
+    kind = "lowrank"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.A = nn.Linear(in_features, rank, bias=False)
+        self.B = nn.Linear(rank, out_features, bias=bias)
+
+    @classmethod
+    def from_factors(cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> "LowRankLinear":
+        layer = cls(A.shape[1], B.shape[0], A.shape[0], bias is not None)
+        layer.A.weight.data = A.float().contiguous()
+        layer.B.weight.data = B.float().contiguous()
+        if bias is not None:
+            layer.B.bias.data = bias.detach().float().clone()
+        return layer
+
+    def manifest(self) -> dict:
+        return {"kind": self.kind, "rank": self.rank, "bias": self.B.bias is not None}
+
+    @classmethod
+    def from_manifest(cls, m: dict, in_features: int, out_features: int) -> "LowRankLinear":
+        return cls(in_features, out_features, int(m["rank"]), bool(m["bias"]))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.B.weight @ self.A.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.B.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.B(self.A(x))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
+
+
+def factorize(W: torch.Tensor, rank: int, s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (rank, in), B (out, rank)) with B A the best rank-`rank` approximation of W, in the norm weighted
+    by input channel scales `s` (in,) when given (ASVD), else the plain Frobenius norm."""
+    W = W.double()
+    Ws = W * s.double()[None, :] if s is not None else W
+    U, S, Vh = torch.linalg.svd(Ws, full_matrices=False)
+    root = S[:rank].sqrt()
+    A = root[:, None] * Vh[:rank]
+    if s is not None:
+        A = A / s.double()[None, :]
+    B = U[:, :rank] * root[None, :]
+    return A.float(), B.float()
+
+
+def rank_for(in_features: int, out_features: int, ratio: float) -> int:
+    return int(ratio * in_features * out_features / (in_features + out_features))
+
+
+@dataclass(frozen=True)
+class SVDConfig:
+    ratio: float = 0.8  # of each layer's parameters kept
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self):
+        expect(0.0 < self.ratio < 1.0, "ratio", self.ratio, "a fraction in (0, 1): factors keep that share of parameters")
+
+
+@dataclass(frozen=True)
+class ASVDConfig(SVDConfig):
+    alpha: float = 0.5  # s_j = mean |x_j| ^ alpha
+
+    def __post_init__(self):
+        super().__post_init__()
+        expect(0.0 <= self.alpha <= 2.0, "alpha", self.alpha, "an exponent in [0, 2]")
+
+
+@torch.inference_mode()
+def mean_abs_inputs(model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per layer, mean |x| of each input channel over every calibration token (one pass, unchanged model)."""
+    sums = {n: torch.zeros(lin.in_features, dtype=torch.float64) for n, lin in layers.items()}
+    count = [0]
+
+    def hook(name):
+        def add(module, args):
+            sums[name] += args[0].reshape(-1, args[0].shape[-1]).abs().double().sum(0)
+        return add
+
+    handles = [lin.register_forward_pre_hook(hook(n)) for n, lin in layers.items()]
+    try:
+        for ids in track(calib, "activation statistics", total=len(calib)):
+            model(ids[None], use_cache=False)
+            count[0] += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (v / count[0]).float() for n, v in sums.items()}
+
+
+def _factorize_model(model: nn.Module, cfg: SVDConfig, scales: dict[str, torch.Tensor] | None, label: str) -> nn.Module:
+    layers = linear_layers(model, cfg.targets, cfg.ignore)
+    for name, lin in layers.items():
+        if rank_for(lin.in_features, lin.out_features, cfg.ratio) < 1:
+            raise UserError(f"{label}: ratio={cfg.ratio} leaves rank 0 for {name} ({lin.out_features}x{lin.in_features})")
+    for name, lin in track(layers.items(), label, total=len(layers)):
+        r = rank_for(lin.in_features, lin.out_features, cfg.ratio)
+        A, B = factorize(lin.weight.detach(), r, None if scales is None else scales[name])
+        replace_module(model, name, LowRankLinear.from_factors(A, B, lin.bias))
+    log.info("%s: %d layers factorized at %.0f%% of their parameters", label, len(layers), 100 * cfg.ratio)
+    return model
+
+
+@register("svd", family="lowrank", stage="inference", config=SVDConfig)
+def apply_svd(model: nn.Module, cfg: SVDConfig, calib=None) -> nn.Module:
+    return _factorize_model(model, cfg, None, "svd")
+
+
+@register("asvd", family="lowrank", stage="inference", config=ASVDConfig, calibration=True)
+def apply_asvd(model: nn.Module, cfg: ASVDConfig, calib=None) -> nn.Module:
+    if calib is None:
+        raise ValueError("asvd needs calibration data")
+    layers = linear_layers(model, cfg.targets, cfg.ignore)
+    stats = mean_abs_inputs(model, layers, calib)
+    scales = {n: v.clamp(min=1e-6).pow(cfg.alpha) for n, v in stats.items()}
+    return _factorize_model(model, cfg, scales, "asvd")
+
+
+PACKED_LAYERS[LowRankLinear.kind] = LowRankLinear  # type: ignore[assignment]
