@@ -277,13 +277,46 @@ def cmd_generate(args) -> None:
     prompt = torch.tensor(loaded.tokenizer(args.prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if prompt.numel() == 0:
         raise UserError("--prompt is empty after tokenization")
-    gen = greedy(loaded.model, prompt, args.max_new_tokens, loaded.tokenizer.eos_token_id)
+    eos, acceptance = loaded.tokenizer.eos_token_id, None
+    if args.speculate:
+        gen, stats = _speculate(loaded, prompt, args)
+        acceptance = stats.acceptance if stats.proposed else None
+    else:
+        gen = greedy(loaded.model, prompt, args.max_new_tokens, eos)
     text = loaded.tokenizer.decode(gen.tokens, skip_special_tokens=True)
     print(args.prompt + text)
     if args.json:
         print(json.dumps({"text": text, "new_tokens": gen.tokens.numel(), "decode_tokens_per_s": gen.decode_tokens_per_s,
-                          "prefill_tokens_per_s": prompt.numel() / gen.prefill_seconds, "acceptance_rate": None,
+                          "prefill_tokens_per_s": prompt.numel() / gen.prefill_seconds, "acceptance_rate": acceptance,
                           "kv_cache_bytes": gen.cache_bytes}))
+
+
+def _speculate(loaded, prompt, args):
+    """--speculate lookup | self:N (the first N blocks as draft) | draft:MODEL (same tokenizer)."""
+    from effspec.decoder import supported
+    from effspec.models import load_model
+    from effspec.speculative import DraftDecoder, PromptLookup, speculative_greedy
+
+    if not supported(loaded.model):
+        raise UserError(f"--speculate needs a Llama or Qwen2 model; {args.model} is {loaded.model.config.model_type}")
+    kind, _, arg = args.speculate.partition(":")
+    room = prompt.numel() + args.max_new_tokens + 16
+    if kind == "lookup" and not arg:
+        draft = PromptLookup()
+    elif kind == "self" and arg.isdigit() and 0 < int(arg) < len(loaded.model.model.layers):
+        draft = DraftDecoder.self_draft(loaded.model, room, int(arg))
+    elif kind == "draft" and arg:
+        other = load_model(arg)
+        if other.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+            raise UserError(f"--speculate draft:{arg}: its tokenizer differs from {args.model}'s")
+        if not supported(other.model):
+            raise UserError(f"--speculate draft:{arg}: the draft must be a Llama or Qwen2 model too")
+        draft = DraftDecoder(other.model, room)
+    else:
+        raise UserError(f"--speculate {args.speculate!r}: expected lookup, self:N (0 < N < "
+                        f"{len(loaded.model.model.layers)} blocks) or draft:MODEL")
+    return speculative_greedy(loaded.model, prompt, args.max_new_tokens, draft, k=args.draft_tokens,
+                              eos_token_id=loaded.tokenizer.eos_token_id)
 
 
 def cmd_export(args) -> None:
@@ -380,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--speculate", default="", metavar="DRAFT",
+                   help="exact speculative greedy decoding: lookup (prompt n-grams), self:N (the model's first N "
+                        "blocks), draft:MODEL (a smaller model, same tokenizer)")
+    p.add_argument("--draft-tokens", type=int, default=4, help="initial draft length, adapted to acceptance (default 4)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("export", parents=[common], help="write a model as compressed-tensors (transformers/vLLM) or GGUF (llama.cpp)")

@@ -74,11 +74,12 @@ class StaticCache:
 class LeanDecoder:
     """Prefill and one-token steps of a supported model over a `StaticCache` of `max_len` positions."""
 
-    def __init__(self, model: nn.Module, max_len: int):
+    def __init__(self, model: nn.Module, max_len: int, n_blocks: int | None = None):
+        """`n_blocks`: run only the first n blocks before the final norm and head (a self-speculation draft)."""
         if not supported(model):
             raise ValueError(f"{type(model).__name__}: not a block layout effspec.decoder runs")
         self.model, self.body = model, model.model
-        self.blocks = list(self.body.layers)
+        self.blocks = list(self.body.layers)[:n_blocks]
         attn = self.blocks[0].self_attn
         cfg = model.config
         self.heads, self.head_dim = cfg.num_attention_heads, attn.head_dim

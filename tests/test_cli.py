@@ -301,3 +301,21 @@ def test_calibration_flags_override_the_recipe_and_enter_the_key(tmp_path):
     assert changed.hash != rec.hash
     same = build_parser().parse_args(["run", "x.yaml", "--model", "m", "--data", "d", "--out", "o"])
     assert _with_calibration_flags(rec, same) is rec
+
+
+@pytest.mark.parametrize("spec", ["lookup", "self:1", "draft:tiny-qwen2"])
+def test_generate_speculate_gives_the_plain_greedy_text(cli, spec) -> None:
+    args = ("generate", "tiny-llama", "--prompt", "abcabcabc", "--max-new-tokens", "12", "--json")
+    code, out, err = cli(*args)
+    assert code == 0, err
+    plain = last_json(out)
+    code, out, err = cli(*args, "--speculate", spec)
+    assert code == 0, err
+    rec = last_json(out)
+    assert rec["text"] == plain["text"] and 0 <= rec["acceptance_rate"] <= 1
+
+
+@pytest.mark.parametrize("spec", ["self:2", "self:x", "nope", "draft:"])
+def test_generate_speculate_rejects_bad_drafts(cli, spec) -> None:
+    code, _, err = cli("generate", "tiny-llama", "--prompt", "ab", "--speculate", spec)
+    assert code == 2 and "--speculate" in err and len(err.strip().splitlines()) == 1
