@@ -29,6 +29,7 @@ from effspec import kernels as effspec_kernels
 SUPPORTED_TYPES = ("llama", "qwen2")
 RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm")
 SILU = ("SiLUActivation", "SiLU")
+STEP_ROWS = 8  # up to this many new tokens (decode, speculative verify) take the compiled path
 _USE_OPS = os.environ.get("EFFSPEC_CPP_KERNELS", "1") != "0"  # x * rsqrt(mean(x^2) + eps) * weight, as F.rms_norm
 
 
@@ -109,23 +110,32 @@ class LeanDecoder:
                                            scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)
         return o[0].transpose(0, 1).reshape(T, -1)
 
-    def _step(self, i: int, block: nn.Module, x: torch.Tensor, pos: int) -> torch.Tensor:
-        """One token through block i on the compiled helpers: norms, RoPE + cache write + attention, and
-        silu(gate) * up each one call."""
-        attn, mlp, ops = block.self_attn, block.mlp, self.ops
+    def _lin(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A float linear on a few rows through the compiled `linear_rows` (BLAS's small-M GEMM is 2-3x
+        slower than its one-row GEMV here); everything else, packed layers included, through the module."""
+        if 1 < x.shape[0] <= STEP_ROWS and type(module) is nn.Linear and self.ops is not None:
+            bias = effspec_kernels.EMPTY if module.bias is None else module.bias
+            return self.ops.linear_rows(x.contiguous(), module.weight, bias)
+        return module(x)
+
+    def _step(self, i: int, block: nn.Module, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Up to STEP_ROWS tokens through block i on the compiled helpers: norms, RoPE + cache write +
+        attention, and silu(gate) * up each one call."""
+        attn, mlp, ops, T = block.self_attn, block.mlp, self.ops, x.shape[0]
         h = self._norm(block.input_layernorm, x)
-        o = ops.rope_attend(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), self.cos[pos], self.sin[pos],
-                            self.cache.k[i], self.cache.v[i], pos, attn.scaling)
-        x = x + attn.o_proj(o)
+        o = ops.rope_attend(self._lin(attn.q_proj, h), self._lin(attn.k_proj, h), self._lin(attn.v_proj, h),
+                            self.cos[start:start + T], self.sin[start:start + T], self.cache.k[i], self.cache.v[i],
+                            start, attn.scaling)
+        x = x + self._lin(attn.o_proj, o)
         h = self._norm(block.post_attention_layernorm, x)
         if type(mlp.act_fn).__name__ in SILU:
-            return x + mlp.down_proj(ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
-        return x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+            return x + self._lin(mlp.down_proj, ops.silu_mul(self._lin(mlp.gate_proj, h), self._lin(mlp.up_proj, h)))
+        return x + self._lin(mlp.down_proj, mlp.act_fn(self._lin(mlp.gate_proj, h)) * self._lin(mlp.up_proj, h))
 
     def _block(self, i: int, block: nn.Module, x: torch.Tensor, start: int, cos: torch.Tensor,
                sin: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        if T == 1 and self.ops is not None:
+        if T <= STEP_ROWS and self.ops is not None:
             return self._step(i, block, x, start)
         attn, mlp = block.self_attn, block.mlp
         h = self._norm(block.input_layernorm, x)
@@ -156,4 +166,4 @@ class LeanDecoder:
             x = self._block(i, block, x, start, cos, sin)
         self.cache.length = start + T
         x = self._norm(self.body.norm, x[-1:] if last_only else x)
-        return self.model.lm_head(x)
+        return self._lin(self.model.lm_head, x)

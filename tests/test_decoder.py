@@ -128,3 +128,15 @@ def test_rope_attend_matches_a_reference_with_grouped_heads():
     assert torch.allclose(ops.rms_norm(x, w, 1e-6), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w, atol=1e-6)
     assert torch.allclose(ops.silu_mul(x, w.expand(3, 16).contiguous()), torch.nn.functional.silu(x) * w, atol=1e-6)
     assert math.isfinite(float(o.sum()))
+
+
+def test_linear_rows_matches_f_linear_for_every_row_count():
+    ops = kernels.decode_ops()
+    if ops is None:
+        pytest.skip("no C++ compiler here")
+    g = torch.Generator().manual_seed(5)
+    W, b = torch.randn(40, 37, generator=g), torch.randn(40, generator=g)  # K not a multiple of 8: the tail loop
+    for M in range(1, 9):
+        x = torch.randn(M, 37, generator=g)
+        assert torch.allclose(ops.linear_rows(x, W, b), torch.nn.functional.linear(x, W, b), atol=1e-5), M
+        assert torch.allclose(ops.linear_rows(x, W, kernels.EMPTY), x @ W.t(), atol=1e-5), M
