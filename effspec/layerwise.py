@@ -34,10 +34,13 @@ log = logging.getLogger(__name__)
 
 
 class _Hessian:
-    """Running H = 2/N sum x x^T over every token a linear layer sees (the reference code's update)."""
+    """Running H = 2/N sum x x^T over every token a linear layer sees (the reference code's update), or only
+    its diagonal (`diagonal`: a method that needs just the input norms, such as Wanda, skips the in x in
+    products -- about 40% of a block's forward cost for smollm2's down_proj)."""
 
-    def __init__(self, n: int):
-        self.H = torch.zeros(n, n)
+    def __init__(self, n: int, diagonal: bool = False):
+        self.diagonal = diagonal
+        self.H = torch.zeros(n) if diagonal else torch.zeros(n, n)
         self.tokens = 0
 
     def add(self, module, inputs, output) -> None:
@@ -46,7 +49,7 @@ class _Hessian:
         self.H *= self.tokens / (self.tokens + t)
         self.tokens += t
         x = x * (2 / self.tokens) ** 0.5
-        self.H += x.t() @ x
+        self.H += x.pow(2).sum(0) if self.diagonal else x.t() @ x
 
 
 class _Stop(Exception):
@@ -142,11 +145,12 @@ class _Capture:
 
 def solve_layerwise(model: nn.Module, calib: torch.Tensor, targets: dict[str, nn.Module],
                     solve: Callable[[nn.Module, list[str], torch.Tensor], None], true_sequential: bool = True,
-                    dtype: str = "float32", label: str = "layerwise") -> nn.Module:
+                    dtype: str = "float32", label: str = "layerwise", diagonal: bool = False) -> nn.Module:
     """Run `solve(block, names, H)` on every group of `targets` (full names -> layers), block by block.
 
     `names` are block-relative; H (in, in) is 2/N X X^T over every calibration
-    token the group's shared input carried. Returns the model, changed in place.
+    token the group's shared input carried -- only its diagonal (in,) when
+    `diagonal`. Returns the model, changed in place.
     """
     block_names = {id(m): n for n, m in model.named_modules()}
 
@@ -157,7 +161,7 @@ def solve_layerwise(model: nn.Module, calib: torch.Tensor, targets: dict[str, nn
             return None
         plan = _plan(block, names, xs, kwargs)
         if not true_sequential:  # one pass collects every H; the outputs are recomputed after
-            stats = [_Hessian(block.get_submodule(g[0]).in_features) for g in plan.groups]
+            stats = [_Hessian(block.get_submodule(g[0]).in_features, diagonal) for g in plan.groups]
             hooks = [block.get_submodule(g[0]).register_forward_hook(h.add) for g, h in zip(plan.groups, stats)]
             try:
                 _run_until(block, xs, kwargs, block.get_submodule(plan.groups[-1][-1]), dtype)
@@ -174,7 +178,7 @@ def solve_layerwise(model: nn.Module, calib: torch.Tensor, targets: dict[str, nn
         last_of = {last: child for child, (last, _) in plan.replayable.items()}
         try:
             for group in plan.groups:
-                hess = _Hessian(block.get_submodule(group[0]).in_features)
+                hess = _Hessian(block.get_submodule(group[0]).in_features, diagonal)
                 captures = {n: _Capture() for n in group if n in last_of}
                 hooks = [block.get_submodule(group[0]).register_forward_hook(hess.add)]
                 hooks += [block.get_submodule(n).register_forward_hook(c.add) for n, c in captures.items()]

@@ -124,8 +124,8 @@ def apply(model: nn.Module, cfg: DropLayersConfig, calib=None) -> nn.Module:
     blocks = _blocks(model)
     first = 1 if cfg.keep_first else 0
     if cfg.n > len(blocks) - 1 - first:
-        raise UserError(f"drop-layers: n={cfg.n} would leave {len(blocks) - cfg.n} of {len(blocks)} blocks; "
-                        f"at most {len(blocks) - 1 - first} can go")
+        raise UserError(f"drop-layers: n={cfg.n} but the model has {len(blocks)} blocks; at most "
+                        f"{max(0, len(blocks) - 1 - first)} can go (one must stay{', and block 0 with keep_first' if first else ''})")
     if calib is None:
         raise ValueError("drop-layers needs calibration data")
     score = block_influence(model, calib) if cfg.metric == "bi" else skip_perplexity(model, calib)

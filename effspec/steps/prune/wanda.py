@@ -8,15 +8,16 @@ Wanda scores every weight by
 (Eq. 1) and removes the lowest scores within each output row (the "per-output"
 comparison group the paper finds best for LLMs), or within every M consecutive
 inputs of a row for N:M. No weight update, no second-order information: one
-pass of calibration statistics. ||X_j||^2 is the diagonal of X^T X, so the
-shared layer-wise engine's H = 2/N X^T X gives the same ranking through
-sqrt(diag(H)).
+pass of calibration statistics. ||X_j||^2 is the diagonal of X^T X: the
+shared layer-wise engine collects only that diagonal (`diagonal=True`).
 
 Calibration goes block by block through `effspec.layerwise`, each block seeing
-the outputs of the already-pruned blocks before it, as in the reference code.
-`true_sequential` (default True, a deviation from the reference, which collects
-a whole block's statistics in one pass) lets o_proj and down_proj see their
-pruned predecessors, at the cost of one block pass per layer group.
+the outputs of the already-pruned blocks before it, and one pass collects a
+whole block's statistics, as in the reference code (llm-compressor's
+WandaPruningModifier gives the same masks: measured 2:4 perplexity 149.151 on
+both sides). `true_sequential: true` instead lets o_proj and down_proj see
+their pruned predecessors, one block pass per layer group: measured on
+smollm2 50% 42.67 against 42.92 one-pass, 2:4 158.6 against 149.2.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WandaConfig(PruneConfig):
-    true_sequential: bool = True
+    true_sequential: bool = False
 
 
 def wanda_mask(W: torch.Tensor, x_norm: torch.Tensor, cfg: PruneConfig) -> torch.Tensor:
@@ -54,12 +55,12 @@ def apply(model: nn.Module, cfg: WandaConfig, calib=None) -> nn.Module:
         raise ValueError("wanda needs calibration data")
 
     def prune_group(block: nn.Module, group: list[str], H: torch.Tensor) -> None:
-        x_norm = torch.diagonal(H).clamp(min=0).sqrt()  # proportional to ||X_j||_2
+        x_norm = H.clamp(min=0).sqrt()  # sqrt(diag H), proportional to ||X_j||_2
         for n in group:
             lin = block.get_submodule(n)
             keep = wanda_mask(lin.weight.detach(), x_norm, cfg)
             replace_module(block, n, SparseLinear.from_weight(lin.weight.detach(), keep, lin.bias))
 
-    model = solve_layerwise(model, calib, targets, prune_group, cfg.true_sequential, "float32", "wanda")
+    model = solve_layerwise(model, calib, targets, prune_group, cfg.true_sequential, "float32", "wanda", diagonal=True)
     log.info("wanda: pruned %d linear layers", len(targets))
     return model
