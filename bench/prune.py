@@ -55,7 +55,7 @@ row. Timings are one run each on a shared, noisy machine: compare ratios
 within a run, not seconds across runs.
 
     python bench/prune.py --windows 1 --seqlen 256 --calib-samples 2 --calib-seqlen 256 --runs 1 --new-tokens 8 \\
-        --settings float,magnitude-50,wanda-50,sparsegpt-24 --out /tmp/prunebench/prune.json   # a smoke run
+        --settings float,magnitude-50,wanda-50,sparsegpt-24   # a smoke run
     python bench/prune.py                                   # the protocol (many hours; --settings splits it)
 """
 
