@@ -268,55 +268,142 @@ def cmd_spectrum(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    from effspec.generate import greedy
+    from effspec.generate import TextStream, generate
     from effspec.models import load_model
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    config = _sampling_config(args)
+    if args.kv_cache:
+        from effspec.kvcache import parse_cache_spec
+
+        parse_cache_spec(args.kv_cache)  # a malformed spec fails before the (slow) load
+        if args.speculate:
+            raise UserError("--kv-cache and --speculate cannot be combined: a compressed cache cannot be rolled back")
     loaded = load_model(args.model)
-    prompt = torch.tensor(loaded.tokenizer(args.prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    tokenizer = loaded.tokenizer
+    prompt = torch.tensor(tokenizer(args.prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if prompt.numel() == 0:
         raise UserError("--prompt is empty after tokenization")
-    eos, acceptance = loaded.tokenizer.eos_token_id, None
-    if args.speculate:
-        gen, stats = _speculate(loaded, prompt, args)
+    draft = _draft(loaded, prompt, args) if args.speculate else None
+    cache = None
+    if args.kv_cache:
+        from effspec.kvcache import make_cache
+
+        cache = make_cache(args.kv_cache, loaded.model)
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    stream = None if args.json else TextStream(decode, config.stop)
+
+    def show(token: int) -> None:
+        print(stream.push(token), end="", flush=True)
+
+    on_token = None if stream is None else show
+    if stream is not None:  # the prompt now, the new text as its tokens arrive
+        print(args.prompt, end="", flush=True)
+    eos, acceptance = tokenizer.eos_token_id, None
+    if draft is not None:
+        gen, stats = _speculate(loaded, prompt, draft, config, args, decode, on_token)
         acceptance = stats.acceptance if stats.proposed else None
     else:
-        gen = greedy(loaded.model, prompt, args.max_new_tokens, eos)
-    text = loaded.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+        gen = generate(loaded.model, prompt, args.max_new_tokens, config, eos_token_id=eos, decode=decode,
+                       on_token=on_token, cache=cache)
+    text = gen.text if gen.text is not None else decode(gen.tokens.tolist())
+    if stream is not None:
+        print(stream.rest(text))
+        return
     print(args.prompt + text)
-    if args.json:
-        print(json.dumps({"text": text, "new_tokens": gen.tokens.numel(), "decode_tokens_per_s": gen.decode_tokens_per_s,
-                          "prefill_tokens_per_s": prompt.numel() / gen.prefill_seconds, "acceptance_rate": acceptance,
-                          "kv_cache_bytes": gen.cache_bytes}))
+    print(json.dumps({"text": text, "new_tokens": gen.tokens.numel(), "decode_tokens_per_s": gen.decode_tokens_per_s,
+                      "prefill_tokens_per_s": prompt.numel() / gen.prefill_seconds, "acceptance_rate": acceptance,
+                      "kv_cache_bytes": gen.cache_bytes}))
 
 
-def _speculate(loaded, prompt, args):
+def _sampling_config(args):
+    """--temperature/--top-k/--top-p/--seed/--stop as a SamplingConfig; a bad value is a one-line UserError."""
+    from effspec.generate import SamplingConfig
+
+    try:
+        return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              stop=tuple(args.stop or ()))
+    except ValueError as e:  # "top_p=1.5: expected ..." names the field: name the flag instead
+        field, _, rest = str(e).partition("=")
+        raise UserError(f"--{field.replace('_', '-')} {rest}") from None
+
+
+def _draft(loaded, prompt, args):
     """--speculate lookup | self:N (the first N blocks as draft) | draft:MODEL (same tokenizer)."""
     from effspec.decoder import supported
     from effspec.models import load_model
-    from effspec.speculative import DraftDecoder, PromptLookup, speculative_greedy
+    from effspec.speculative import DraftDecoder, PromptLookup
 
     if not supported(loaded.model):
         raise UserError(f"--speculate needs a Llama or Qwen2 model; {args.model} is {loaded.model.config.model_type}")
     kind, _, arg = args.speculate.partition(":")
     room = prompt.numel() + args.max_new_tokens + 16
     if kind == "lookup" and not arg:
-        draft = PromptLookup()
-    elif kind == "self" and arg.isdigit() and 0 < int(arg) < len(loaded.model.model.layers):
-        draft = DraftDecoder.self_draft(loaded.model, room, int(arg))
-    elif kind == "draft" and arg:
+        return PromptLookup()
+    if kind == "self" and arg.isdigit() and 0 < int(arg) < len(loaded.model.model.layers):
+        return DraftDecoder.self_draft(loaded.model, room, int(arg))
+    if kind == "draft" and arg:
         other = load_model(arg)
         if other.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
             raise UserError(f"--speculate draft:{arg}: its tokenizer differs from {args.model}'s")
         if not supported(other.model):
             raise UserError(f"--speculate draft:{arg}: the draft must be a Llama or Qwen2 model too")
-        draft = DraftDecoder(other.model, room)
-    else:
-        raise UserError(f"--speculate {args.speculate!r}: expected lookup, self:N (0 < N < "
-                        f"{len(loaded.model.model.layers)} blocks) or draft:MODEL")
-    return speculative_greedy(loaded.model, prompt, args.max_new_tokens, draft, k=args.draft_tokens,
-                              eos_token_id=loaded.tokenizer.eos_token_id)
+        return DraftDecoder(other.model, room)
+    raise UserError(f"--speculate {args.speculate!r}: expected lookup, self:N (0 < N < "
+                    f"{len(loaded.model.model.layers)} blocks) or draft:MODEL")
+
+
+def _speculate(loaded, prompt, draft, config, args, decode, on_token):
+    """Exact speculative greedy when plain greedy was asked for; speculative sampling otherwise (with stop
+    strings too: at temperature 0 it makes the greedy choices)."""
+    from effspec.speculative import speculative_greedy, speculative_sampling
+
+    eos = loaded.tokenizer.eos_token_id
+    if config.greedy and not config.stop:
+        return speculative_greedy(loaded.model, prompt, args.max_new_tokens, draft, k=args.draft_tokens,
+                                  eos_token_id=eos, on_token=on_token)
+    return speculative_sampling(loaded.model, prompt, args.max_new_tokens, draft, config, k=args.draft_tokens,
+                                eos_token_id=eos, decode=decode, on_token=on_token)
+
+
+def cmd_long_ppl(args) -> None:
+    """Perplexity of one long text scored in chunks through each KV cache, against the uncompressed cache."""
+    from effspec.data import load_text, tokenize
+    from effspec.kvcache import make_cache, parse_cache_spec
+    from effspec.measure.long_context import long_context_perplexity
+    from effspec.models import load_model
+
+    specs = list(dict.fromkeys(args.kv_cache or []))
+    for spec in specs:
+        parse_cache_spec(spec)  # malformed specs fail before the (slow) load
+    if args.tokens < 2 or args.chunk < 1:
+        raise UserError(f"--tokens must be >= 2 and --chunk >= 1, got {args.tokens} and {args.chunk}")
+    loaded = load_model(args.model)
+    ids = tokenize(loaded.tokenizer, load_text(args.data).eval_text)
+    if ids.numel() < args.tokens:
+        raise UserError(f"--data {args.data} has {ids.numel()} tokens, fewer than --tokens {args.tokens}")
+    ids = ids[: args.tokens]
+    rows = []
+    for spec in [None] + specs:
+        factory = None if spec is None else (lambda s=spec: make_cache(s, loaded.model))
+        r = long_context_perplexity(loaded.model, ids, factory, chunk=args.chunk)
+        rows.append({"cache": spec or "uncompressed", **r.summary(),
+                     **({"by_position": r.by_position(args.bin)} if args.bin else {})})
+    base = rows[0]
+    print(f"{'cache':<28} {'perplexity':>10} {'vs uncompressed':>15} {'held MiB':>9} {'bytes':>7}")
+    for r in rows:
+        r["ppl_delta_pct"] = 100 * (r["perplexity"] / base["perplexity"] - 1)
+        r["bytes_ratio"] = r["final_cache_bytes"] / base["final_cache_bytes"]
+        print(f"{r['cache']:<28} {r['perplexity']:>10.4f} {r['ppl_delta_pct']:>+14.2f}% "
+              f"{r['final_cache_bytes'] / 2**20:>9.2f} {r['bytes_ratio']:>6.3f}x")
+        for start, ppl in r.get("by_position", []):
+            print(f"    tokens {start:>7}-{start + args.bin - 1:<7} perplexity {ppl:.4f}")
+    if args.json:
+        print(json.dumps({"model": args.model, "data": args.data, "rows": rows}, default=str))
 
 
 def cmd_export(args) -> None:
@@ -409,15 +496,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_measure_flags(p)
     p.set_defaults(fn=cmd_spectrum)
 
-    p = sub.add_parser("generate", parents=[common], help="greedy generation with timing")
+    p = sub.add_parser("generate", parents=[common], help="generate text (greedy or sampled), timed")
     p.add_argument("model")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 (default) is greedy decoding")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens only (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of most likely tokens whose probability reaches P (default 1: all)")
+    p.add_argument("--seed", type=int, help="seed for sampling, to reproduce a generation (default: unseeded)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop when the new text contains TEXT, which is cut off (repeatable)")
     p.add_argument("--speculate", default="", metavar="DRAFT",
-                   help="exact speculative greedy decoding: lookup (prompt n-grams), self:N (the model's first N "
-                        "blocks), draft:MODEL (a smaller model, same tokenizer)")
+                   help="speculative decoding, the same output distribution as without it (greedy: the same "
+                        "text): lookup (prompt n-grams), self:N (the model's first N blocks), draft:MODEL (a "
+                        "smaller model, same tokenizer)")
     p.add_argument("--draft-tokens", type=int, default=4, help="initial draft length, adapted to acceptance (default 4)")
+    p.add_argument("--kv-cache", default="", metavar="SPEC",
+                   help="compressed KV cache: kivi:BITS (2/4/8; keys per channel, values per token), "
+                        "streaming:WINDOW (attention sinks + recent window), h2o:RATIO (heavy hitters); "
+                        "parameters as kivi:bits=2,group=8 (default: the uncompressed cache)")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("long-ppl", parents=[common],
+                       help="long-context perplexity through compressed KV caches, against the uncompressed cache")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="text to score: a file, a WikiText directory, stdlib-docs, hf:NAME")
+    p.add_argument("--kv-cache", action="append", metavar="SPEC",
+                   help="a cache to compare (repeatable): kivi:BITS, streaming:WINDOW, h2o:RATIO, or name:key=value,...")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens of the text scored (default: %(default)s)")
+    p.add_argument("--chunk", type=int, default=64, help="tokens per forward through the cache (default: %(default)s)")
+    p.add_argument("--bin", type=int, default=0, help="also print perplexity per BIN tokens of position")
+    p.set_defaults(fn=cmd_long_ppl)
 
     p = sub.add_parser("export", parents=[common], help="write a model as compressed-tensors (transformers/vLLM) or GGUF (llama.cpp)")
     p.add_argument("model", help="a directory saved by `effspec run`, or any MODEL")

@@ -137,6 +137,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         return packed[:numel]
     if bits == 4:  # the common case, two nibbles per byte, without the bit-plane detour
         return torch.stack([packed & 0xF, packed >> 4], -1).reshape(-1)[:numel]
+    if bits == 2:  # four codes per byte (2-bit KV caches unpack every step)
+        shifts = torch.arange(0, 8, 2, dtype=torch.uint8)
+        return ((packed.view(-1, 1) >> shifts) & 3).reshape(-1)[:numel]
     planes = (packed.view(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1  # (bytes, 8)
     planes = planes.reshape(-1, 8, bits)  # (n/8, 8 codes, bits)
     weights = (1 << torch.arange(bits, dtype=torch.int32)).to(torch.int32)

@@ -1,24 +1,43 @@
-"""Exact speculative greedy decoding (Leviathan et al. 2023; Chen et al. 2023) over `effspec.decoder`.
+"""Speculative decoding (Leviathan et al. 2023; Chen et al. 2023) over `effspec.decoder`: exact greedy, and
+sampling that preserves the target's distribution.
 
 A cheap *draft* proposes k tokens; the target model scores the last accepted
 token plus all k proposals in one forward pass (k + 1 rows, about the cost of
-one decode step when decode is bandwidth-bound); the proposals are kept up to
-the first one that differs from the target's own argmax, and the target's
-token at that position is appended too. Every kept token is the target's
-greedy choice given the tokens before it, so the output is the plain greedy
-output (up to float rounding differences between the one-row and k-row paths,
-which only matter at exact logit ties), and each verify step yields between 1
-and k + 1 tokens.
+one decode step when decode is bandwidth-bound), so each verify step yields
+between 1 and k + 1 tokens for roughly the price of one.
 
-Drafts (each `propose(tokens, k) -> list[int]`):
+`speculative_greedy` keeps the proposals up to the first one that differs from
+the target's own argmax and appends the target's token at that position. Every
+kept token is the target's greedy choice given the tokens before it, so the
+output is the plain greedy output (up to float rounding differences between the
+one-row and k-row paths, which only matter at exact logit ties).
+
+`speculative_sampling` is the paper's rejection scheme (Leviathan et al.,
+Algorithm 1; Chen et al., Algorithm 2), one round being the pure function
+`speculative_step`: the draft samples x_i from its distribution q_i, the target
+gives p_i for every position in the same one forward; x_i is accepted with
+probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection the round ends
+with a token drawn from the residual norm(max(0, p_i - q_i)); if all k are
+accepted a bonus token is drawn from p_{k+1}. Each emitted token is then
+distributed exactly as p given the tokens before it (tested statistically), so
+speculation changes the speed, never the distribution. p and q are both the
+*filtered* distributions (`effspec.generate.probabilities`: temperature, top-k,
+top-p applied identically to both), since the filtered target distribution is
+the one plain sampling draws from. A deterministic draft (prompt lookup, any
+draft with only `propose`) is the point mass q = one-hot(x): x is accepted with
+probability p(x), and the residual is p without x. At temperature 0 p and q are
+one-hot too, and the scheme reduces to `speculative_greedy`'s rule.
+
+Drafts (each `propose(tokens, k) -> list[int]`; a sampling draft also has
+`sample(tokens, k, config, generator) -> (tokens, q rows)`):
 
 - `PromptLookup` (prompt-lookup decoding, Saxena 2023): the tokens that
   followed the most recent earlier occurrence of the text's last n-gram. Free,
   and strong when the output copies its input (summaries, extraction, edits).
-- `DraftDecoder`: greedy tokens of a smaller model with the same tokenizer, or
-  of the target's own first blocks plus its head (self-speculation, as in
-  LayerSkip / Draft & Verify), or of a `drop-layers`-pruned copy; it keeps its
-  own KV cache and rolls it back to the accepted prefix.
+- `DraftDecoder`: tokens of a smaller model with the same tokenizer, or of the
+  target's own first blocks plus its head (self-speculation, as in LayerSkip /
+  Draft & Verify), or of a `drop-layers`-pruned copy; it keeps its own KV cache
+  and rolls it back to the accepted prefix.
 
 Verify steps of up to 8 tokens run on the decoder's compiled path (float
 linears through `linear_rows`: BLAS's few-row GEMM is 2-3x slower than its
@@ -38,12 +57,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from effspec.decoder import LeanDecoder
-from effspec.generate import Generation
+from effspec.generate import Decode, Generation, SamplingConfig, final_text, first_stop, probabilities
 
 
 class PromptLookup:
@@ -66,7 +87,7 @@ class PromptLookup:
 
 
 class DraftDecoder:
-    """Greedy proposals of a (smaller or truncated) model over its own KV cache."""
+    """Greedy or sampled proposals of a (smaller or truncated) model over its own KV cache."""
 
     def __init__(self, model: nn.Module, max_len: int, n_blocks: int | None = None):
         self.lean = LeanDecoder(model, max_len, n_blocks)
@@ -77,7 +98,9 @@ class DraftDecoder:
         """The target's first `n_blocks` blocks, its final norm and its head: no second model."""
         return cls(model, max_len, n_blocks)
 
-    def propose(self, tokens: list[int], k: int) -> list[int]:
+    def _catch_up(self, tokens: list[int], k: int) -> tuple[torch.Tensor | None, int]:
+        """Roll the cache back to what it shares with `tokens` and feed the rest: (logits of the last token,
+        how many of the k tokens fit in the cache), or (None, 0) when none fits."""
         common = 0
         for a, b in zip(self.fed, tokens):
             if a != b:
@@ -88,16 +111,37 @@ class DraftDecoder:
         room = self.lean.cache.k.shape[2] - len(tokens)
         k = min(k, room)
         if k <= 0:
-            return []
+            return None, 0
         new = tokens[common:]
         logits = self.lean.forward(torch.tensor(new), last_only=True)  # several tokens at once after a prefix
         self.fed += new
+        return logits, k
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        logits, k = self._catch_up(tokens, k)
+        if logits is None:
+            return []
         out = [int(logits[-1].argmax())]
         while len(out) < k:
             logits = self.lean.forward(torch.tensor(out[-1:]))
             self.fed.append(out[-1])
             out.append(int(logits[-1].argmax()))
         return out
+
+    def sample(self, tokens: list[int], k: int, config: SamplingConfig,
+               generator: torch.Generator | None) -> tuple[list[int], torch.Tensor]:
+        """Up to k tokens, each drawn from the draft's `config`-filtered distribution q, and q's rows (n, vocab)."""
+        logits, k = self._catch_up(tokens, k)
+        if logits is None:
+            return [], torch.empty(0, 0)
+        out, q = [], []
+        while True:
+            q.append(probabilities(logits[-1:], config))
+            out.append(int(torch.multinomial(q[-1], 1, generator=generator)))
+            if len(out) == k:
+                return out, torch.cat(q)
+            logits = self.lean.forward(torch.tensor(out[-1:]))
+            self.fed.append(out[-1])
 
 
 @dataclass
@@ -107,6 +151,12 @@ class SpeculativeStats:
     accepted: int = 0
     lengths: list[int] = field(default_factory=list)
 
+    def record(self, proposed: int, accepted: int) -> None:
+        self.rounds += 1
+        self.proposed += proposed
+        self.accepted += accepted
+        self.lengths.append(proposed)
+
     @property
     def acceptance(self) -> float:
         return self.accepted / self.proposed if self.proposed else float("nan")
@@ -114,9 +164,10 @@ class SpeculativeStats:
 
 @torch.inference_mode()
 def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, draft,
-                       k: int = 4, adaptive: bool = True, k_max: int = 12,
-                       eos_token_id: int | None = None) -> tuple[Generation, SpeculativeStats]:
-    """Greedy generation of `model` after `prompt` (1-D ids), `draft` proposing up to `k` tokens a round."""
+                       k: int = 4, adaptive: bool = True, k_max: int = 12, eos_token_id: int | None = None,
+                       on_token: Callable[[int], None] | None = None) -> tuple[Generation, SpeculativeStats]:
+    """Greedy generation of `model` after `prompt` (1-D ids), `draft` proposing up to `k` tokens a round;
+    `on_token(id)` is called with each kept token, a round's tokens at once."""
     stats = SpeculativeStats()
     target = LeanDecoder(model, prompt.numel() + max_new_tokens + k_max + 1)
     t0 = time.perf_counter()
@@ -124,6 +175,7 @@ def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: i
     t1 = time.perf_counter()
     tokens = prompt.tolist()
     out = [int(logits[-1].argmax())]
+    _emit(on_token, out)
     while len(out) < max_new_tokens and not (eos_token_id is not None and out[-1] == eos_token_id):
         want = min(k, max_new_tokens - len(out))
         proposal = draft.propose(tokens + out, want)[:want] if want > 0 else []
@@ -134,15 +186,103 @@ def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: i
             n += 1
         target.cache.length = start + 1 + n  # the fed last token and the accepted proposals
         new = proposal[:n] + [pred[n]]
-        if eos_token_id is not None and eos_token_id in new:
-            new = new[: new.index(eos_token_id) + 1]
+        new = _until_eos(new, eos_token_id)[: max_new_tokens - len(out)]
+        _emit(on_token, new)
         out += new
-        stats.rounds += 1
-        stats.proposed += len(proposal)
-        stats.accepted += n
-        stats.lengths.append(len(proposal))
-        if adaptive and proposal:
-            k = min(k + 1, k_max) if n == len(proposal) else max(1, k - 1)
-    out = out[:max_new_tokens]
+        stats.record(len(proposal), n)
+        k = adapt(k, len(proposal), n, k_max) if adaptive else k
     t2 = time.perf_counter()
     return Generation(torch.tensor(out), t1 - t0, t2 - t1, target.cache.filled_bytes), stats
+
+
+def adapt(k: int, proposed: int, accepted: int, k_max: int) -> int:
+    """The next draft length: +1 after a fully accepted round, -1 after a rejection, within [1, k_max]."""
+    if not proposed:
+        return k
+    return min(k + 1, k_max) if accepted == proposed else max(1, k - 1)
+
+
+def _until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
+    """`tokens` up to and including the first end-of-sequence token."""
+    if eos_token_id is not None and eos_token_id in tokens:
+        return tokens[: tokens.index(eos_token_id) + 1]
+    return tokens
+
+
+def _emit(on_token: Callable[[int], None] | None, tokens: list[int]) -> None:
+    if on_token is not None:
+        for t in tokens:
+            on_token(t)
+
+
+# ---- speculative sampling ------------------------------------------------------------------------
+def speculative_step(p: torch.Tensor, q: torch.Tensor, draft: list[int],
+                     generator: torch.Generator | None = None) -> list[int]:
+    """One verify round of speculative sampling: the accepted prefix of `draft` plus one token.
+
+    p: (n + 1, vocab) the target's probabilities at each draft position and after the last one;
+    q: (n, vocab) the draft's probabilities that draft[i] was drawn from (one-hot for a deterministic draft).
+    """
+    for i, x in enumerate(draft):
+        r = float(torch.rand(1, generator=generator))
+        if r * float(q[i, x]) < float(p[i, x]):  # accept with probability min(1, p_i(x) / q_i(x))
+            continue
+        residual = (p[i] - q[i]).clamp(min=0)  # norm(max(0, p_i - q_i)); multinomial normalizes
+        if float(residual.sum()) <= 0:  # deviation: unreachable in exact arithmetic (p = q always accepts)
+            residual = p[i]
+        return draft[:i] + [int(torch.multinomial(residual, 1, generator=generator))]
+    return list(draft) + [int(torch.multinomial(p[len(draft)], 1, generator=generator))]  # the bonus token
+
+
+def _draft_sample(draft, tokens: list[int], k: int, config: SamplingConfig, generator: torch.Generator | None,
+                  vocab: int) -> tuple[list[int], torch.Tensor]:
+    """(proposal, q rows (n, vocab)): a sampling draft's own q, else a deterministic draft's one-hot rows."""
+    if hasattr(draft, "sample"):
+        proposal, q = draft.sample(tokens, k, config, generator)
+    else:
+        proposal = draft.propose(tokens, k)[:k]
+        q = F.one_hot(torch.tensor(proposal, dtype=torch.long), vocab).float()
+    if q.shape[-1] != vocab:  # a draft whose embedding is padded wider or narrower: its extra tokens have p = 0
+        q = F.pad(q[:, :vocab], (0, max(0, vocab - q.shape[-1])))
+    return proposal, q
+
+
+@torch.inference_mode()
+def speculative_sampling(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, draft, config: SamplingConfig,
+                         k: int = 4, adaptive: bool = True, k_max: int = 12, eos_token_id: int | None = None,
+                         decode: Decode | None = None,
+                         on_token: Callable[[int], None] | None = None) -> tuple[Generation, SpeculativeStats]:
+    """Sampled generation of `model` after `prompt` (1-D ids) as `config` says, `draft` proposing up to `k`
+    tokens a round; the tokens are distributed as plain `effspec.generate.generate` with `config` would draw
+    them. Stop strings of `config` need `decode`; `on_token` as in `speculative_greedy`."""
+    if config.stop and decode is None:
+        raise ValueError(f"stop={config.stop!r}: stop strings need a `decode` (token ids -> text)")
+    generator = config.generator()
+    stats = SpeculativeStats()
+    target = LeanDecoder(model, prompt.numel() + max_new_tokens + k_max + 1)
+    t0 = time.perf_counter()
+    logits = target.forward(prompt)
+    t1 = time.perf_counter()
+    tokens = prompt.tolist()
+    out = [int(torch.multinomial(probabilities(logits, config), 1, generator=generator))]
+    _emit(on_token, out)
+    stopped = first_stop(out, decode, config.stop) is not None
+    while len(out) < max_new_tokens and out[-1] != eos_token_id and not stopped:
+        want = min(k, max_new_tokens - len(out))
+        proposal, q = _draft_sample(draft, tokens + out, want, config, generator, logits.shape[-1])
+        start = target.cache.length
+        p = probabilities(target.forward(torch.tensor(out[-1:] + proposal), last_only=False), config)  # (n+1, V)
+        new = speculative_step(p, q, proposal, generator)
+        n = len(new) - 1  # accepted proposals
+        target.cache.length = start + 1 + n  # the fed last token and the accepted proposals
+        new = _until_eos(new, eos_token_id)[: max_new_tokens - len(out)]
+        cut = first_stop(out + new, decode, config.stop, start=len(out))
+        if cut is not None:
+            new, stopped = new[: cut - len(out)], True
+        _emit(on_token, new)
+        out += new
+        stats.record(len(proposal), n)
+        k = adapt(k, len(proposal), n, k_max) if adaptive else k
+    t2 = time.perf_counter()
+    text = final_text(out, decode, config.stop)
+    return Generation(torch.tensor(out), t1 - t0, t2 - t1, target.cache.filled_bytes, text), stats

@@ -319,3 +319,90 @@ def test_generate_speculate_gives_the_plain_greedy_text(cli, spec) -> None:
 def test_generate_speculate_rejects_bad_drafts(cli, spec) -> None:
     code, _, err = cli("generate", "tiny-llama", "--prompt", "ab", "--speculate", spec)
     assert code == 2 and "--speculate" in err and len(err.strip().splitlines()) == 1
+
+
+def _first_change(text: str) -> str:
+    """Two characters where the text changes, so a stop string cuts it somewhere in the middle."""
+    i = next((i for i in range(len(text) - 1) if text[i] != text[i + 1]), 0)
+    return text[i:i + 2]
+
+
+@pytest.mark.parametrize("speculate", [(), ("--speculate", "lookup")])
+def test_generate_streams_and_stops_at_a_stop_string(cli, speculate) -> None:
+    args = ("generate", "tiny-llama", "--prompt", "the cat sat", "--max-new-tokens", "20", *speculate)
+    code, out, err = cli(*args, "--json")
+    assert code == 0, err
+    plain = last_json(out)["text"]
+    code, out, err = cli(*args)
+    assert code == 0, err
+    assert out == "the cat sat" + plain + "\n"  # streamed, no JSON line
+    stop = _first_change(plain)
+    cut = plain[: plain.index(stop)]
+    code, out, err = cli(*args, "--stop", stop, "--stop", "never")
+    assert code == 0, err
+    assert out == "the cat sat" + cut + "\n"
+    code, out, err = cli(*args, "--stop", stop, "--json")
+    rec = last_json(out)
+    assert rec["text"] == cut and rec["new_tokens"] == len(cut.encode()) + 2  # through the stop string's last byte
+
+
+@pytest.mark.parametrize("speculate", [(), ("--speculate", "self:1")])
+def test_generate_sampling_is_seeded(cli, speculate) -> None:
+    args = ("generate", "tiny-llama", "--prompt", "the cat sat", "--max-new-tokens", "16", "--json", *speculate)
+    runs = []
+    for seed in ("1", "1", "2"):
+        code, out, err = cli(*args, "--temperature", "1.5", "--top-p", "0.95", "--top-k", "100", "--seed", seed)
+        assert code == 0, err
+        runs.append(last_json(out))
+    assert runs[0]["text"] == runs[1]["text"] != runs[2]["text"]
+    if speculate:
+        assert 0 <= runs[0]["acceptance_rate"] <= 1
+    code, out, err = cli(*args)
+    greedy_text = last_json(out)["text"]
+    code, out, err = cli(*args, "--temperature", "2", "--top-k", "1", "--seed", "0")
+    assert last_json(out)["text"] == greedy_text
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "-1"), ("--temperature", "nan"), ("--top-p", "0"),
+                                         ("--top-p", "1.5"), ("--top-k", "-1"), ("--stop", "")])
+def test_generate_rejects_bad_sampling_values(cli, flag, value) -> None:
+    code, out, err = cli("generate", "tiny-llama", "--prompt", "ab", flag, value)
+    line = assert_user_error(code, err)
+    assert line.startswith(f"effspec: error: {flag} ") and out == ""
+
+
+def test_generate_with_a_compressed_kv_cache(cli) -> None:
+    code, out, err = cli("generate", "tiny-llama", "--prompt", "hello there", "--max-new-tokens", "12", "--json")
+    plain = last_json(out)
+    code, out, err = cli("generate", "tiny-llama", "--prompt", "hello there", "--max-new-tokens", "12", "--json",
+                         "--kv-cache", "streaming:window=8,sinks=2")
+    assert code == 0, err
+    rec = last_json(out)
+    assert rec["new_tokens"] == 12 and rec["kv_cache_bytes"] < plain["kv_cache_bytes"]
+    code, out, err = cli("generate", "tiny-llama", "--prompt", "hello there", "--max-new-tokens", "12", "--json",
+                         "--kv-cache", "h2o:1.0")
+    assert last_json(out)["text"] == plain["text"]  # a full budget keeps every token: the same greedy text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kv-cache", "lru:4"], "unknown KV cache 'lru'"),
+    (["--kv-cache", "kivi:bitz=2"], "unknown parameter 'bitz'"),
+    (["--kv-cache", "kivi:4", "--speculate", "lookup"], "cannot be combined"),
+])
+def test_generate_rejects_bad_kv_caches(cli, argv, message) -> None:
+    code, out, err = cli("generate", "tiny-llama", "--prompt", "ab", *argv)
+    assert message in assert_user_error(code, err)
+
+
+def test_long_ppl_compares_caches_with_the_uncompressed_one(cli, text) -> None:
+    code, out, err = cli("long-ppl", "tiny-llama", "--data", text, "--tokens", "200", "--chunk", "16",
+                         "--kv-cache", "kivi:bits=8,group=8,residual=16", "--kv-cache", "streaming:window=32",
+                         "--bin", "100", "--json")
+    assert code == 0, err
+    rows = last_json(out)["rows"]
+    assert [r["cache"] for r in rows] == ["uncompressed", "kivi:bits=8,group=8,residual=16", "streaming:window=32"]
+    assert all(r["tokens"] == 199 and len(r["by_position"]) == 2 for r in rows)
+    assert abs(rows[1]["ppl_delta_pct"]) < 1 and rows[1]["bytes_ratio"] < 0.6
+    assert rows[2]["final_cache_bytes"] < rows[0]["final_cache_bytes"]
+    code, out, err = cli("long-ppl", "tiny-llama", "--data", text, "--tokens", "999999")
+    assert "fewer than --tokens" in assert_user_error(code, err)

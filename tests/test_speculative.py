@@ -1,12 +1,15 @@
-"""Speculative greedy decoding reproduces plain greedy token for token, for every draft source."""
+"""Speculative greedy decoding reproduces plain greedy token for token, for every draft source; speculative
+sampling emits tokens distributed as the target's (statistically, on a tiny vocabulary) and is greedy at
+temperature 0."""
 
 import pytest
 import torch
 
-from effspec.generate import greedy
+from effspec.generate import SamplingConfig, greedy
 from effspec.models import load_model
 from effspec.registry import get_step
-from effspec.speculative import DraftDecoder, PromptLookup, speculative_greedy
+from effspec.speculative import (DraftDecoder, PromptLookup, speculative_greedy, speculative_sampling,
+                                 speculative_step)
 
 # a prompt that repeats itself, so prompt lookup has matches to propose
 PROMPT = torch.tensor(list(b"the cat sat on the mat. the cat sat on the mat. the cat"))
@@ -55,3 +58,120 @@ def test_speculative_greedy_stops_at_eos():
     eos = plain[7]
     gen, _ = speculative_greedy(model, PROMPT, 30, PromptLookup(), eos_token_id=eos)
     assert gen.tokens.tolist() == plain[: plain.index(eos) + 1]
+
+
+# ---- speculative sampling ------------------------------------------------------------------------
+def untied(config_name: str):
+    """A random seeded byte-vocabulary model with its own head (the builtin tiny ones mostly repeat their last
+    token), at 10x the default weight scale so logit gaps stay well above float rounding."""
+    import transformers
+
+    cfg = getattr(transformers, config_name)(vocab_size=257, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             tie_word_embeddings=False, eos_token_id=256, pad_token_id=256,
+                                             bos_token_id=256, initializer_range=0.2)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def letters(ids: list[int]) -> str:
+    return "".join(chr(0x100 + i) for i in ids)
+
+
+def _rows(seed: int, n: int, V: int) -> torch.Tensor:
+    return (torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * 1.5).softmax(-1)
+
+
+@pytest.mark.parametrize("draft_kind", ["sampled", "sampled-missing-the-mode", "deterministic"])
+def test_speculative_step_emits_tokens_distributed_as_the_target(draft_kind):
+    """The papers' correctness claim, empirically: whatever q is, the first emitted token follows p_1, and the
+    second (emitted when the first draft token was accepted) follows p_2."""
+    V, k, trials = 6, 3, 20000
+    p = _rows(0, k + 1, V)
+    q = _rows(1, k, V)  # deliberately not p
+    if draft_kind == "sampled-missing-the-mode":  # q never proposes p_1's likeliest token: only the residual can
+        q[0, p[0].argmax()] = 0
+        q[0] /= q[0].sum()
+    if draft_kind == "deterministic":  # prompt lookup: the proposal is fixed, q its one-hot
+        q = torch.nn.functional.one_hot(p[:k].argmin(-1), V).float()
+    g = torch.Generator().manual_seed(123)
+    first, second = torch.zeros(V), torch.zeros(V)
+    for _ in range(trials):
+        draft = torch.multinomial(q, 1, generator=g)[:, 0].tolist()
+        out = speculative_step(p, q, draft, g)
+        assert 1 <= len(out) <= k + 1 and out[:-1] == draft[: len(out) - 1]
+        first[out[0]] += 1
+        if len(out) > 1:
+            second[out[1]] += 1
+    for counts, target in ((first, p[0]), (second, p[1])):
+        n = counts.sum()
+        chi2 = float(((counts - n * target) ** 2 / (n * target)).sum())
+        assert chi2 < 20.5, (counts / n, target)  # the 0.999 quantile of chi-square with 5 degrees of freedom
+        assert float((counts / n - target).abs().max()) < 0.02
+
+
+def test_speculative_step_with_equal_distributions_accepts_everything():
+    p = _rows(2, 4, 8)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        draft = torch.multinomial(p[:3], 1, generator=g)[:, 0].tolist()
+        assert speculative_step(p, p[:3], draft, g)[:3] == draft
+
+
+@pytest.mark.parametrize("source", ["lookup", "self", "other-model"])
+@pytest.mark.parametrize("temperature", [0.0, 1e-5])
+def test_speculative_sampling_as_temperature_goes_to_0_is_greedy(source, temperature):
+    model = untied("LlamaConfig")
+    n = 40
+    plain = greedy(model, PROMPT, n, engine="lean").tokens
+    if source == "lookup":
+        draft = PromptLookup()
+    elif source == "self":
+        draft = DraftDecoder.self_draft(model, PROMPT.numel() + n + 16, n_blocks=1)
+    else:
+        draft = DraftDecoder(untied("Qwen2Config"), PROMPT.numel() + n + 16)
+    config = SamplingConfig(temperature=temperature, top_k=50, top_p=0.9, seed=0)
+    gen, stats = speculative_sampling(model, PROMPT, n, draft, config, k=4)
+    assert torch.equal(gen.tokens, plain)
+    assert stats.proposed > 0 or source == "lookup"
+
+
+def test_speculative_sampling_is_seeded_and_a_model_drafting_for_itself_is_always_accepted():
+    model = untied("LlamaConfig")
+    config = SamplingConfig(temperature=1.0, seed=5)
+
+    def run(draft_model, seed=5):
+        draft = DraftDecoder(draft_model, PROMPT.numel() + 60)
+        return speculative_sampling(model, PROMPT, 40, draft, SamplingConfig(temperature=1.0, seed=seed), k=4)
+
+    a, stats = run(model)
+    assert stats.acceptance > 0.95  # q = p up to float rounding between one-row and k-row forwards
+    assert torch.equal(run(model)[0].tokens, a.tokens)
+    assert not torch.equal(run(model, seed=6)[0].tokens, a.tokens)
+    b, other = run(untied("Qwen2Config"))
+    assert b.tokens.numel() == 40 and other.acceptance < 0.5  # an unrelated draft: mostly rejected
+    look, _ = speculative_sampling(model, PROMPT, 40, PromptLookup(), config)
+    assert look.tokens.numel() == 40
+
+
+@pytest.mark.parametrize("spec", ["greedy", "sampling"])
+def test_speculative_stop_strings_eos_and_streaming(spec):
+    model = untied("LlamaConfig")
+    plain = greedy(model, PROMPT, 40, engine="lean").tokens.tolist()
+    full = letters(plain)
+    draft = DraftDecoder.self_draft(model, PROMPT.numel() + 60, n_blocks=1)
+    seen = []
+    if spec == "greedy":
+        gen, _ = speculative_greedy(model, PROMPT, 40, draft, on_token=seen.append)
+        assert gen.tokens.tolist() == plain
+    else:
+        stop = full[9:11]
+        at = full.index(stop)
+        gen, _ = speculative_sampling(model, PROMPT, 40, draft, SamplingConfig(stop=(stop,)), decode=letters,
+                                      on_token=seen.append)
+        assert gen.text == full[:at] and gen.tokens.tolist() == plain[: at + 2]
+        eos = plain[12]
+        ended, _ = speculative_sampling(model, PROMPT, 40, draft, SamplingConfig(), eos_token_id=eos)
+        assert ended.tokens.tolist() == plain[: plain.index(eos) + 1]
+    assert seen == gen.tokens.tolist()
