@@ -1,7 +1,8 @@
 """KV-cache compression on smollm2-135m: long-context perplexity, bytes held and decode speed; streaming past 8k.
 
-The `kv` part of bench/decode.py (it calls `cache_rows` and `streaming_rows`);
-also runnable alone. Issue 5's targets:
+`bench/decode.py --parts kv` runs `cache_rows` (its flags are added to that
+script's); the streaming run is this script's own (`--parts streaming`, or the
+default `--parts kv,streaming`). Issue 5's targets:
 
 - quantized KV at 4 bits: cache bytes <= 0.3x of float at a 4,096-token
   context with long-context perplexity within 1% of the uncompressed cache;

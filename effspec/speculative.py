@@ -40,13 +40,16 @@ Drafts (each `propose(tokens, k) -> list[int]`; a sampling draft also has
   and rolls it back to the accepted prefix.
 
 Verify steps of up to 8 tokens run on the decoder's compiled path (float
-linears through `linear_rows`: BLAS's few-row GEMM is 2-3x slower than its
-one-row GEMV on this CPU, which made every verify cost ~3 decode steps).
-Measured on smollm2-135m float32, 1 thread, a ~800-token "rewrite this WikiText
-passage" prompt, 128 new tokens (machine shared with a benchmark): plain 10.5
-tok/s; prompt lookup 13.5 tok/s (1.28x, 42% of proposals accepted, output
-identical); the model's own first 4 or 8 of 30 blocks accept ~4% and are slower
-than no speculation (0.56x, 0.63x).
+linears through `linear_rows`, as single decode steps do). The gain is bounded
+by the verify cost: at a ~1,000-token context on this CPU (AMD EPYC, 2 GHz,
+AVX2 executed 128 bits wide) one row of smollm2-135m float32 takes ~27 ms,
+bound by memory, and every further row ~8 ms of compute (5 rows: ~54 ms).
+`bench/decode.py --runs 1 --self-blocks 4` measured, 1 thread, 3 input-grounded
+prompts of ~1,100 tokens, 128 new tokens each: plain greedy 37.15 tok/s; prompt
+lookup 46.11 (1.24x, 47% of proposals accepted, output identical 3/3); the
+model's own first 4 of 30 blocks 0.60x (6% accepted); an 8-block drop-layers
+copy 0.51x (0%). transformers' `generate` on the same prompts: 14.25 tok/s
+plain, 15.02 with its prompt lookup.
 
 The draft length adapts to the running acceptance (`adaptive`): +1 after a
 fully accepted round, -1 after a rejection, within [1, k_max] -- the
