@@ -172,9 +172,7 @@ def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: i
     """Greedy generation of `model` after `prompt` (1-D ids), `draft` proposing up to `k` tokens a round;
     `on_token(id)` is called with each kept token, a round's tokens at once."""
     stats = SpeculativeStats()
-    target = LeanDecoder(model, prompt.numel() + max_new_tokens + k_max + 1)
-    t0 = time.perf_counter()
-    logits = target.forward(prompt)
+    target, logits, prefill_seconds = _prefilled(model, prompt, max_new_tokens + k_max + 1)
     t1 = time.perf_counter()
     tokens = prompt.tolist()
     out = [int(logits[-1].argmax())]
@@ -195,7 +193,7 @@ def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: i
         stats.record(len(proposal), n)
         k = adapt(k, len(proposal), n, k_max) if adaptive else k
     t2 = time.perf_counter()
-    return Generation(torch.tensor(out), t1 - t0, t2 - t1, target.cache.filled_bytes), stats
+    return Generation(torch.tensor(out), prefill_seconds, t2 - t1, target.cache.filled_bytes), stats
 
 
 def adapt(k: int, proposed: int, accepted: int, k_max: int) -> int:
@@ -203,6 +201,14 @@ def adapt(k: int, proposed: int, accepted: int, k_max: int) -> int:
     if not proposed:
         return k
     return min(k + 1, k_max) if accepted == proposed else max(1, k - 1)
+
+
+def _prefilled(model: nn.Module, prompt: torch.Tensor, room: int) -> tuple[LeanDecoder, torch.Tensor, float]:
+    """The target's decoder with `prompt` in its cache and `room` positions to spare: (decoder, logits, seconds)."""
+    target = LeanDecoder(model, prompt.numel() + room)
+    t0 = time.perf_counter()
+    logits = target.forward(prompt)
+    return target, logits, time.perf_counter() - t0
 
 
 def _until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
@@ -262,9 +268,7 @@ def speculative_sampling(model: nn.Module, prompt: torch.Tensor, max_new_tokens:
         raise ValueError(f"stop={config.stop!r}: stop strings need a `decode` (token ids -> text)")
     generator = config.generator()
     stats = SpeculativeStats()
-    target = LeanDecoder(model, prompt.numel() + max_new_tokens + k_max + 1)
-    t0 = time.perf_counter()
-    logits = target.forward(prompt)
+    target, logits, prefill_seconds = _prefilled(model, prompt, max_new_tokens + k_max + 1)
     t1 = time.perf_counter()
     tokens = prompt.tolist()
     out = [int(torch.multinomial(probabilities(logits, config), 1, generator=generator))]
@@ -288,4 +292,4 @@ def speculative_sampling(model: nn.Module, prompt: torch.Tensor, max_new_tokens:
         k = adapt(k, len(proposal), n, k_max) if adaptive else k
     t2 = time.perf_counter()
     text = final_text(out, decode, config.stop)
-    return Generation(torch.tensor(out), t1 - t0, t2 - t1, target.cache.filled_bytes, text), stats
+    return Generation(torch.tensor(out), prefill_seconds, t2 - t1, target.cache.filled_bytes, text), stats

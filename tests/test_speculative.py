@@ -22,20 +22,24 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert look.propose([7, 8, 7], 4) == [8, 7]  # falls back to a 1-gram, stops at the end
 
 
+def draft_for(source: str, model, n: int, other=None):
+    """A draft of each kind for `n` new tokens after PROMPT: prompt lookup, the first block, another model, the
+    target itself (which must accept everything)."""
+    room = PROMPT.numel() + n + 16
+    if source == "lookup":
+        return PromptLookup()
+    if source == "self":
+        return DraftDecoder.self_draft(model, room, n_blocks=1)
+    return DraftDecoder(other if source == "other-model" else model, room)
+
+
 @pytest.mark.parametrize("source", ["lookup", "self", "other-model", "itself"])
 def test_speculative_greedy_is_plain_greedy(source):
     model = load_model("tiny-llama").model
     n = 40
     plain = greedy(model, PROMPT, n, engine="lean").tokens
-    if source == "lookup":
-        draft = PromptLookup()
-    elif source == "self":
-        draft = DraftDecoder.self_draft(model, PROMPT.numel() + n + 16, n_blocks=1)
-    elif source == "other-model":
-        draft = DraftDecoder(load_model("tiny-qwen2").model, PROMPT.numel() + n + 16)  # same byte vocabulary
-    else:
-        draft = DraftDecoder(model, PROMPT.numel() + n + 16)
-    gen, stats = speculative_greedy(model, PROMPT, n, draft, k=4)
+    other = load_model("tiny-qwen2").model if source == "other-model" else None  # same byte vocabulary
+    gen, stats = speculative_greedy(model, PROMPT, n, draft_for(source, model, n, other), k=4)
     assert torch.equal(gen.tokens, plain)
     assert stats.rounds < n  # at least one round kept more than one token
     if source == "itself":
@@ -125,14 +129,9 @@ def test_speculative_sampling_as_temperature_goes_to_0_is_greedy(source, tempera
     model = untied("LlamaConfig")
     n = 40
     plain = greedy(model, PROMPT, n, engine="lean").tokens
-    if source == "lookup":
-        draft = PromptLookup()
-    elif source == "self":
-        draft = DraftDecoder.self_draft(model, PROMPT.numel() + n + 16, n_blocks=1)
-    else:
-        draft = DraftDecoder(untied("Qwen2Config"), PROMPT.numel() + n + 16)
+    other = untied("Qwen2Config") if source == "other-model" else None
     config = SamplingConfig(temperature=temperature, top_k=50, top_p=0.9, seed=0)
-    gen, stats = speculative_sampling(model, PROMPT, n, draft, config, k=4)
+    gen, stats = speculative_sampling(model, PROMPT, n, draft_for(source, model, n, other), config, k=4)
     assert torch.equal(gen.tokens, plain)
     assert stats.proposed > 0 or source == "lookup"
 
