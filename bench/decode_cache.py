@@ -182,14 +182,12 @@ def cache_rows(args, model, tokenizer) -> list[dict]:
     """One row per setting: long-context perplexity, held bytes and decode speed, with ratios to float."""
     from effspec.measure.long_context import long_context_perplexity
 
-    context = getattr(args, "kv_context", 4096)
-    chunk = getattr(args, "kv_chunk", 64)
-    runs = getattr(args, "runs", 3)
-    names = [n for n in getattr(args, "settings", ",".join(SETTINGS)).split(",") if n in SETTINGS]
+    context, chunk, runs = args.kv_context, args.kv_chunk, args.runs  # `add_arguments`' flags (+ --runs)
+    names = [n for n in args.settings.split(",") if n in SETTINGS]
     if "float" not in names:
         names.insert(0, "float")
-    ids = wikitext_ids(tokenizer, max(context, getattr(args, "kv_prompt", 1024)))
-    prompt = ids[: getattr(args, "kv_prompt", 1024)]
+    ids = wikitext_ids(tokenizer, max(context, args.kv_prompt))
+    prompt = ids[: args.kv_prompt]
     rows, peer_note = [], None
     for name in names:
         row = {"part": "kv", "setting": name, "spec": str(SETTINGS[name]), "context": context, "chunk": chunk}
@@ -202,7 +200,7 @@ def cache_rows(args, model, tokenizer) -> list[dict]:
             factory = factory_for(name, model)
             r = long_context_perplexity(model, ids[:context], factory, chunk=chunk)
             row.update(perplexity=r.perplexity, cache_bytes=r.final_cache_bytes, score_seconds=r.seconds)
-            row["decode_tokens_per_s"] = decode_speed(model, prompt, getattr(args, "kv_new_tokens", 64), factory, runs)
+            row["decode_tokens_per_s"] = decode_speed(model, prompt, args.kv_new_tokens, factory, runs)
         except Exception as e:  # noqa: BLE001 -- one setting failing must not lose the others
             row["error"] = f"{type(e).__name__}: {e}"
         rows.append(row)
@@ -221,7 +219,7 @@ def streaming_rows(args, model, tokenizer, plot_path: Path | None) -> list[dict]
     from effspec.kvcache import make_cache
     from effspec.measure.long_context import long_context_perplexity
 
-    n, chunk = args.stream_tokens, getattr(args, "kv_chunk", 64)
+    n, chunk = args.stream_tokens, args.kv_chunk
     ids = wikitext_ids(tokenizer, n)
     runs = [("streaming-1024 (4 sinks)", "streaming:window=1024,sinks=4"),
             ("window-1024 (no sinks)", "streaming:window=1024,sinks=0"),

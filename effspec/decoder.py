@@ -53,7 +53,7 @@ def supported(model: nn.Module) -> bool:
     return True
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE in transformers' half-split convention: x cos + rotate_half(x) sin."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
@@ -144,7 +144,7 @@ class LeanDecoder:
         q = attn.q_proj(h).view(T, self.heads, self.head_dim)
         k = attn.k_proj(h).view(T, self.kv_heads, self.head_dim)
         v = attn.v_proj(h).view(T, self.kv_heads, self.head_dim).transpose(0, 1)
-        qk = _rotate(torch.cat((q, k), 1).transpose(0, 1), cos, sin)  # one RoPE pass for both
+        qk = rope(torch.cat((q, k), 1).transpose(0, 1), cos, sin)  # one RoPE pass for both
         end = start + T
         self.cache.k[i, :, start:end] = qk[self.heads:]
         self.cache.v[i, :, start:end] = v

@@ -95,7 +95,11 @@ class Generation:
 
 
 def cache_bytes(cache) -> int:
-    """Bytes of key/value tensors the cache holds."""
+    """Bytes of key/value state a cache holds: its own count if it keeps one (effspec's compressed caches:
+    codes, scales and full-precision rows), else the key/value tensors of its layers."""
+    held = getattr(cache, "held_bytes", None)
+    if callable(held):
+        return int(held())
     total = 0
     for layer in getattr(cache, "layers", []):
         for name in ("keys", "values"):
@@ -240,8 +244,7 @@ class _TransformersEngine:
         return self._forward(tokens[:, None])
 
     def held_bytes(self) -> int:
-        held = getattr(self.cache, "held_bytes", None)  # a compressed cache counts its own storage
-        return int(held()) if callable(held) else cache_bytes(self.cache)
+        return cache_bytes(self.cache)
 
 
 def _decode(engine, rows: int, max_new_tokens: int, config: SamplingConfig, eos_token_id: int | None,

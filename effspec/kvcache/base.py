@@ -30,19 +30,37 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
 
 
 class CompressedLayer(DynamicLayer):
-    """One block's cache; subclasses implement `update`, `held` and `held_bytes`."""
+    """One block's cache; subclasses implement `update`, `held` and `held_bytes`.
+
+    `sinks`: how many of the first tokens ever seen the layer keeps as they are (`take_sinks`), apart from
+    whatever it does with the rest -- the attention sinks StreamingLLM and KIVI's exact first token keep."""
 
     is_croppable = False
     is_sliding = False
 
-    def __init__(self):
+    def __init__(self, sinks: int = 0):
         super().__init__()
-        self.seen = 0
+        self.seen, self.sinks = 0, sinks
+        self.sink_keys = self.sink_values = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]  # (b, h, 0, d): shapes known
+        self.sink_keys, self.sink_values = self.keys, self.values
         self.is_initialized = True
+
+    def take_sinks(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep new tokens as sinks while there is room; the states of the tokens left over."""
+        take = min(self.sinks - self.sink_keys.shape[-2], key_states.shape[-2])
+        if take <= 0:
+            return key_states, value_states
+        self.sink_keys = torch.cat([self.sink_keys, key_states[..., :take, :]], -2)
+        self.sink_values = torch.cat([self.sink_values, value_states[..., :take, :]], -2)
+        return key_states[..., take:, :], value_states[..., take:, :]
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen, self.sink_keys, self.sink_values = 0, None, None
 
     @property
     def held(self) -> int:

@@ -25,6 +25,7 @@ import math
 import torch
 from torch import nn
 
+from effspec.decoder import rope
 from effspec.errors import UserError
 from effspec.kvcache.base import CompressedCache, CompressedLayer, decoder_blocks, tensor_bytes
 
@@ -93,12 +94,7 @@ class HeavyHitterLayer(CompressedLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.scores, self.positions, self.seen = None, None, 0
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+        self.scores = self.positions = None
 
 
 def _after_attention(module: nn.Module, args, kwargs, output) -> None:
@@ -111,7 +107,7 @@ def _after_attention(module: nn.Module, args, kwargs, output) -> None:
     q = module.q_proj(hidden).view(b, T, -1, module.head_dim)
     if hasattr(module, "q_norm"):
         q = module.q_norm(q)
-    q = _rope(q.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1))
+    q = rope(q.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1))
     cache.layers[module.layer_idx].observe(q, module.scaling)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from effspec.decoder import rope
 from effspec.errors import UserError
 from effspec.kvcache.base import CompressedCache, CompressedLayer, decoder_blocks, tensor_bytes
 
@@ -38,18 +39,14 @@ def rope_inv_freq(model) -> torch.Tensor:
 
 def rotate_by(k: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.Tensor:
     """RoPE-rotate keys (..., d) by `delta` more positions, in transformers' half-split layout."""
-    angle = delta * inv_freq
-    cos = torch.cat([angle.cos(), angle.cos()]).to(k.dtype)
-    sin = torch.cat([angle.sin(), angle.sin()]).to(k.dtype)
-    half = k.shape[-1] // 2
-    return k * cos + torch.cat([-k[..., half:], k[..., :half]], -1) * sin
+    angle = torch.cat([delta * inv_freq] * 2)
+    return rope(k, angle.cos().to(k.dtype), angle.sin().to(k.dtype))
 
 
 class StreamingLayer(CompressedLayer):
     def __init__(self, sinks: int, window: int, inv_freq: torch.Tensor):
-        super().__init__()
-        self.sinks, self.window, self.inv_freq = sinks, window, inv_freq
-        self.sink_keys = self.sink_values = None  # rotated at their own positions 0..sinks-1
+        super().__init__(sinks)  # sink keys stay rotated at their own positions 0..sinks-1
+        self.window, self.inv_freq = window, inv_freq
 
     @property
     def held(self) -> int:
@@ -60,22 +57,13 @@ class StreamingLayer(CompressedLayer):
     def held_bytes(self) -> int:
         return tensor_bytes(self.sink_keys, self.sink_values, self.keys, self.values) if self.is_initialized else 0
 
-    def lazy_initialization(self, key_states, value_states):
-        super().lazy_initialization(key_states, value_states)
-        self.sink_keys, self.sink_values = self.keys, self.values
-
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        first = self.seen  # text position of the first new token
         self.seen += key_states.shape[-2]
-        take = min(self.sinks - self.sink_keys.shape[-2], key_states.shape[-2])
-        if take > 0:  # the first tokens ever seen become the sinks
-            self.sink_keys = torch.cat([self.sink_keys, key_states[..., :take, :]], -2)
-            self.sink_values = torch.cat([self.sink_values, value_states[..., :take, :]], -2)
-            key_states, value_states = key_states[..., take:, :], value_states[..., take:, :]
+        key_states, value_states = self.take_sinks(key_states, value_states)  # the first tokens become the sinks
         n_sinks = self.sink_keys.shape[-2]
-        window_start = first + take - self.keys.shape[-2]  # the window and the new tokens are contiguous
+        window_start = self.seen - key_states.shape[-2] - self.keys.shape[-2]  # window + new tokens: contiguous
         delta = window_start - n_sinks  # sinks move from 0..n-1 to just before the window
         sink_keys = rotate_by(self.sink_keys, delta, self.inv_freq) if delta else self.sink_keys
         keys = torch.cat([sink_keys, self.keys, key_states], -2)
@@ -83,11 +71,6 @@ class StreamingLayer(CompressedLayer):
         self.keys = keys[..., n_sinks:, :][..., -self.window:, :].clone()
         self.values = values[..., n_sinks:, :][..., -self.window:, :].clone()
         return keys, values
-
-    def reset(self) -> None:
-        super().reset()
-        self.sink_keys = self.sink_values = None
-        self.seen = 0
 
 
 class StreamingCache(CompressedCache):

@@ -9,8 +9,8 @@ for what the cache dropped or rounded. The per-token NLL is kept, so the loss
 can be read by position (`by_position`): the StreamingLLM plot of perplexity
 against position past the trained context.
 
-Memory is the cache's *held* bytes after each chunk (`held_bytes()` of effspec's
-caches, the key/value tensors of transformers' own), the peak of which is what
+Memory is the cache's *held* bytes after each chunk (`effspec.generate.cache_bytes`:
+`held_bytes()` of effspec's caches, the key/value tensors of transformers' own), the peak of which is what
 a long generation needs on top of the model.
 """
 
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effspec.errors import UserError
+from effspec.generate import cache_bytes
 from effspec.progress import track
 
 
@@ -50,18 +51,6 @@ class LongContext:
                 "seconds": self.seconds}
 
 
-def held_bytes(cache) -> int:
-    """Bytes of key/value state a cache holds: its own count if it keeps one, else its layers' keys and values."""
-    if hasattr(cache, "held_bytes"):
-        return int(cache.held_bytes())
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
 @torch.inference_mode()
 def long_context_perplexity(model: nn.Module, ids: torch.Tensor, cache_factory: Callable[[], object] | None = None,
                             chunk: int = 256, on_chunk: Callable[[int, int], None] | None = None) -> LongContext:
@@ -84,7 +73,7 @@ def long_context_perplexity(model: nn.Module, ids: torch.Tensor, cache_factory: 
         targets = ids[start + 1:start + chunk + 1]
         logits = model(x[None], past_key_values=cache, use_cache=True).logits[0, : targets.numel()].float()
         nll.append(F.cross_entropy(logits, targets, reduction="none").double())
-        held = held_bytes(cache)
+        held = cache_bytes(cache)
         peak = max(peak, held)
         if on_chunk is not None:
             on_chunk(start + x.numel(), held)
@@ -92,4 +81,4 @@ def long_context_perplexity(model: nn.Module, ids: torch.Tensor, cache_factory: 
     mean = nll.mean().item()
     if not math.isfinite(mean):
         raise UserError("long-context perplexity is not finite: the model produces NaN or inf logits")
-    return LongContext(math.exp(mean), nll.numel(), chunk, peak, held_bytes(cache), time.perf_counter() - t0, nll)
+    return LongContext(math.exp(mean), nll.numel(), chunk, peak, cache_bytes(cache), time.perf_counter() - t0, nll)
