@@ -218,6 +218,7 @@ def cmd_spectrum(args) -> None:
     from effspec.models import fingerprint, load_model
     from effspec.pipeline import Evaluation, run_recipe
     from effspec.recipe import builtin_recipes, load_recipe
+    from effspec.registry import get_step
     from effspec.report import write_report
     from effspec.store import Store
 
@@ -229,6 +230,11 @@ def cmd_spectrum(args) -> None:
         raise UserError(f"{out}: {'holds an effspec ' + found + ' output' if found else 'is not empty and was not written by effspec'}"
                         f", not a spectrum; choose another --out")
     recipes = [_with_calibration_flags(load_recipe(r), args) for r in (args.recipes or list(builtin_recipes()))]
+    if not args.recipes:  # training recipes take ~30 min each: only when named
+        tuned = [r.name for r in recipes if any(get_step(n).stage == "training" for n, _ in r.steps)]
+        recipes = [r for r in recipes if r.name not in tuned]
+        if tuned:
+            print(f"skipping training recipes (name them with --recipes to run): {', '.join(tuned)}", file=sys.stderr)
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
         raise UserError(f"--recipes: two recipes share the name '{next(n for n in names if names.count(n) > 1)}'")
@@ -422,6 +428,89 @@ def cmd_export(args) -> None:
     _emit(args, table, record)
 
 
+def _tune_config(args):
+    """The step config of `effspec tune`: its flags, then --set KEY=VALUE on any field (defaults < flags < --set)."""
+    import yaml
+
+    from effspec.config import ConfigError, config_from_dict
+    from effspec.registry import get_step
+
+    fields: dict = {"steps": args.steps, "lr": args.lr, "seqlen": args.train_seqlen, "batch_size": args.batch_size,
+                    "micro_batch": args.micro_batch, "objective": args.objective, "eval_every": args.eval_every,
+                    "checkpoint_every": args.checkpoint_every, "data": args.instructions}
+    if args.method != "full":
+        fields.update(method=args.method, r=args.r)
+    for item in args.set or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item}: expected KEY=VALUE")
+        fields[key.strip()] = yaml.safe_load(value)
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if fields.get("checkpoint_every"):
+        fields.setdefault("checkpoint_dir", str(Path(args.out).with_name(Path(args.out).name + ".ckpt")))
+    name = "finetune" if args.method == "full" else "lora"
+    try:
+        return name, config_from_dict(get_step(name).config, fields)
+    except (ConfigError, ValueError) as e:
+        raise UserError(f"tune: {e}") from None
+
+
+def cmd_tune(args) -> None:
+    import shutil
+
+    from effspec.data import calibration_tokens, load_text
+    from effspec.fsutil import MARKER, atomic_dir, check_output_dir
+    from effspec.measure.memory import peak_rss_bytes, reset_peak
+    from effspec.models import load_model, save_model
+    from effspec.steps.tune import finetune, lora
+
+    name, cfg = _tune_config(args)
+    if args.merge and args.method in ("prompt", "prefix"):
+        raise UserError(f"--merge: {args.method} tuning learns virtual tokens, which cannot merge into weights")
+    if args.data is None and args.instructions is None:
+        raise UserError("tune: give --data (text to model) or --instructions (an Alpaca-layout file)")
+    out = Path(args.out)
+    kind = "model" if args.method == "full" or args.merge else "adapter"
+    check_output_dir(out, args.force, kind)
+    loaded = load_model(args.model)
+    text = None
+    if args.data is not None and args.instructions is None:  # its calibration part, else all of it
+        text = calibration_tokens(loaded.tokenizer, load_text(args.data), 0)
+    teacher = None
+    if getattr(cfg, "needs_teacher", False) and cfg.teacher is None:
+        import copy
+
+        teacher = copy.deepcopy(loaded.model)  # tuning a model toward itself: useful with --set on_policy=...
+    reset_peak()
+    t0 = time.perf_counter()
+    if name == "finetune":
+        finetune.select_parameters(loaded.model, cfg.targets)
+        from effspec.tuning import fit
+
+        tlog = fit(loaded.model, cfg, text, loaded.tokenizer, teacher, "full")
+        model, pm = loaded.model.requires_grad_(False), None
+    else:
+        pm, tlog = lora.train_adapter(loaded.model, cfg, text, loaded.tokenizer, teacher)
+        model = lora.detach(pm, cfg) if args.merge else None
+    seconds, peak = time.perf_counter() - t0, peak_rss_bytes()
+    trained = {"method": args.method, "base_model": args.model, "steps": len(tlog.losses), "tokens": tlog.tokens,
+               "seconds": seconds, "tokens_per_s": tlog.tokens_per_s, "loss_first": tlog.losses[0] if tlog.losses else None,
+               "loss_last": tlog.losses[-1] if tlog.losses else None, "resumed_from": tlog.resumed_from,
+               "evals": tlog.evals, "peak_rss_bytes": peak}
+    with atomic_dir(out) as tmp:
+        if model is not None:
+            save_model(model.eval(), loaded.tokenizer, tmp, {"source_model": args.model, "tune": trained})
+        else:
+            pm.save_pretrained(str(tmp))
+            (tmp / MARKER).write_text(json.dumps({"kind": "adapter", "source_model": args.model, "tune": trained},
+                                                 indent=2, default=str))
+    if cfg.checkpoint_dir and cfg.checkpoint_every:  # the run is whole: its checkpoint has served
+        shutil.rmtree(Path(cfg.checkpoint_dir).expanduser(), ignore_errors=True)
+    record = {**trained, "out": str(out), "kind": kind, "losses": tlog.losses}
+    _emit(args, [(k, trained[k]) for k in ("method", "steps", "tokens", "seconds", "tokens_per_s", "loss_first",
+                                           "loss_last", "resumed_from", "peak_rss_bytes")] + [("out", str(out))], record)
+
+
 # ---- parser --------------------------------------------------------------------------------------
 def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, help="calibration sequences, overriding recipes (default: recipe's, else 32)")
@@ -489,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="work directory: results.db, report.md/html, results.csv, plots")
-    p.add_argument("--recipes", nargs="+", help="recipe files or builtin names (default: all builtin recipes)")
+    p.add_argument("--recipes", nargs="+", help="recipe files or builtin names (default: all builtin recipes "
+                   "without a training step)")
     p.add_argument("--calib-data")
     _add_calibration_flags(p)
     p.add_argument("--force", action="store_true", help="recompute rows already in the store")
@@ -529,6 +619,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=64, help="tokens per forward through the cache (default: %(default)s)")
     p.add_argument("--bin", type=int, default=0, help="also print perplexity per BIN tokens of position")
     p.set_defaults(fn=cmd_long_ppl)
+
+    p = sub.add_parser("tune", parents=[common],
+                       help="fine-tune a model or train an adapter (LoRA, DoRA, IA3, prompt, prefix) on text or instructions")
+    p.add_argument("model")
+    p.add_argument("--out", required=True, help="the adapter (peft format) or, for full / --merge, the model directory")
+    p.add_argument("--method", default="lora", choices=("full", "lora", "dora", "ia3", "prompt", "prefix"))
+    p.add_argument("--data", help="text to learn (language modelling): a file, WikiText directory (its valid split), "
+                   "stdlib-docs, hf:NAME")
+    p.add_argument("--instructions", help="Alpaca-layout JSON/JSONL (instruction, input, output); loss on responses")
+    p.add_argument("--objective", choices=("lm", "distill"), help="lm (default) or distill (from --set teacher=MODEL)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 100)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 2e-4 adapters, 5e-5 full)")
+    p.add_argument("--train-seqlen", type=int, help="tokens per training sequence (default 512)")
+    p.add_argument("--batch-size", type=int, help="sequences per optimizer step (default 8)")
+    p.add_argument("--micro-batch", type=int, help="sequences per forward/backward; the rest accumulates (default 1)")
+    p.add_argument("--r", type=int, help="adapter rank (default 16)")
+    p.add_argument("--eval-every", type=int, help="held-out perplexity every N steps")
+    p.add_argument("--checkpoint-every", type=int, default=10,
+                   help="checkpoint every N steps into OUT.ckpt; run again to resume after a kill (default 10; 0: off)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any other field of the finetune/lora step config, e.g. --set rslora=true (repeatable)")
+    p.add_argument("--merge", action="store_true", help="merge the adapter and save the whole model (lora, dora, ia3)")
+    p.add_argument("--force", action="store_true", help="replace an existing effspec output")
+    p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("export", parents=[common], help="write a model as compressed-tensors (transformers/vLLM) or GGUF (llama.cpp)")
     p.add_argument("model", help="a directory saved by `effspec run`, or any MODEL")

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effspec import kernels as effspec_kernels
+from effspec.frozen import frozen_linear, needs_grad
 from effspec.layers_float import FP8Linear, NF4Linear  # never imports this module: no cycle
 from effspec.sparsity import SparseLinear  # never imports this module: no cycle
 from effspec.quant import Grid, dequantize, grid_params, pack_bits, quantize, storage_dtype, unpack_bits
@@ -169,6 +170,8 @@ class QuantLinear(nn.Module):
         return None if form[0] == "none" else form
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if needs_grad(x):  # inside training (QLoRA): the weight is frozen, its float copy not kept
+            return frozen_linear(x, self)
         form = self._kernel
         if form is not None and form[0] == "cpp" and _KERNELS and x.numel() < KERNEL_MAX_ROWS * form[7]:
             # the decode hot path (210 calls a token on smollm2): kept to one C++ call

@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effspec.frozen import frozen_linear, needs_grad
+
 # The outermost probability at which the N(0, 1) quantile function is evaluated:
 # Eq. 4 taken literally ends at Q_X(1) = inf, so QLoRA's reference code
 # (bitsandbytes `create_normal_map`) stops at delta = 0.9677083, numerically
@@ -207,6 +209,8 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from effspec import layers  # the shared kernel switch and row threshold (importing at the top would cycle)
 
+        if needs_grad(x):  # inside training (QLoRA): the weight is frozen, its float copy not kept
+            return frozen_linear(x, self)
         if layers._KERNELS and x.numel() // x.shape[-1] < layers.KERNEL_MAX_ROWS:  # decode: bfloat16 path
             y = F.linear(x.to(torch.bfloat16), self._dequantize(torch.bfloat16)).to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -262,6 +266,8 @@ class FP8Linear(nn.Module):
         return self.dequantized_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if needs_grad(x):
+            return frozen_linear(x, self)
         return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

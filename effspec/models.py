@@ -164,6 +164,8 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
     import transformers
     from safetensors.torch import load_file
 
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return _load_adapter(path, spec)
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a model directory (no config.json)")
     try:
@@ -206,6 +208,26 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
     if set(missing) - tied or unexpected:
         raise UserError(f"{path}: weights do not match the config (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
     return LoadedModel(model.eval(), tokenizer, spec, meta)
+
+
+def _load_adapter(path: Path, spec: str) -> LoadedModel:
+    """A peft adapter directory (`effspec tune`): its base model with the adapter merged into the weights."""
+    import peft
+
+    meta = json.loads((path / MARKER).read_text()) if (path / MARKER).is_file() else {}
+    try:
+        config = peft.PeftConfig.from_pretrained(str(path))
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: cannot read adapter_config.json ({str(e).splitlines()[0][:200]})") from None
+    base = meta.get("source_model") or config.base_model_name_or_path
+    if not base:
+        raise UserError(f"{path}: the adapter does not say which model it adapts")
+    if config.is_prompt_learning:
+        raise UserError(f"{path}: a {getattr(config.peft_type, 'value', config.peft_type)} adapter adds virtual tokens and cannot merge into a model; "
+                        "load it with peft's PeftModel.from_pretrained")
+    loaded = load_model(base)
+    model = peft.PeftModel.from_pretrained(loaded.model, str(path)).merge_and_unload()
+    return LoadedModel(model.eval(), loaded.tokenizer, spec, meta)
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

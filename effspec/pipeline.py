@@ -11,6 +11,7 @@ distributions for KL divergence.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import platform
@@ -201,11 +202,22 @@ def check_finite(model: torch.nn.Module, step: str) -> None:
 
 
 def apply_recipe(model: torch.nn.Module, recipe: Recipe, ev: Evaluation) -> torch.nn.Module:
+    """Apply the steps in order. Tuning steps also get the tokenizer and, when they distill from it, the
+    teacher: a frozen copy of the model as it was before the first step (kept only while a step needs it)."""
     calib = ev.calibration(recipe) if recipe.needs_calibration else None
-    for name, cfg in recipe.steps:
+    wants_teacher = [i for i, (_, cfg) in enumerate(recipe.steps)
+                     if getattr(cfg, "needs_teacher", False) and getattr(cfg, "teacher", None) is None]
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if wants_teacher else None
+    for i, (name, cfg) in enumerate(recipe.steps):
         log.info("applying %s", name)
-        model = get_step(name).apply(model, cfg, calib)
+        info = get_step(name)
+        if info.training:
+            model = info.apply(model, cfg, calib, tokenizer=ev.tokenizer, teacher=teacher)
+        else:
+            model = info.apply(model, cfg, calib)
         check_finite(model, name)
+        if wants_teacher and i == wants_teacher[-1]:
+            teacher = None  # no later step distills: free its memory before measuring
     return model.eval()
 
 

@@ -69,7 +69,9 @@ class Recipe:
         parts = []
         for name, cfg in self.steps:
             default = config_to_dict(type(cfg)())
-            shown = {k: v for k, v in config_to_dict(cfg).items() if k not in ("targets", "ignore") or default[k] != v}
+            many = len(default) > 10  # tuning configs: only what the recipe changed
+            shown = {k: v for k, v in config_to_dict(cfg).items()
+                     if default[k] != v or not (many or k in ("targets", "ignore"))}
             parts.append(f"{name}({', '.join(f'{k}={v}' for k, v in shown.items())})")
         return " -> ".join(parts)
 

@@ -25,19 +25,20 @@ class StepInfo:
     apply: Callable  # apply(model, cfg, calib=None) -> model
     needs_calibration: bool
     summary: str  # first line of the step module's docstring
+    training: bool = False  # apply also takes tokenizer= and teacher= (tuning steps)
 
 
 STEPS: dict[str, StepInfo] = {}
 
 
-def register(name: str, *, family: str, stage: str, config: type, calibration: bool = False):
+def register(name: str, *, family: str, stage: str, config: type, calibration: bool = False, training: bool = False):
     """Decorator on a step's `apply` that makes it available to recipes under `name`."""
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
 
     def wrap(apply: Callable) -> Callable:
         doc = (sys.modules[apply.__module__].__doc__ or "").strip().splitlines()
-        STEPS[name] = StepInfo(name, family, stage, config, apply, calibration, doc[0] if doc else "")
+        STEPS[name] = StepInfo(name, family, stage, config, apply, calibration, doc[0] if doc else "", training)
         return apply
 
     return wrap

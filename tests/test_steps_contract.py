@@ -10,7 +10,9 @@ from effspec.registry import STAGES, all_steps
 
 STEPS = sorted(all_steps())
 # fields a 2-block model needs (default n=4 blocks cannot go from 2)
-TINY_FIELDS = {"drop-layers": {"n": 1, "keep_first": False}}
+TUNE_FIELDS = {"steps": 2, "seqlen": 16, "batch_size": 2, "warmup": 0}  # a few optimizer steps on the calibration rows
+TINY_FIELDS = {"drop-layers": {"n": 1, "keep_first": False}, "finetune": TUNE_FIELDS, "distill": TUNE_FIELDS,
+               "lora": TUNE_FIELDS}
 # output SNR floors below the default 10 dB where the random tiny model, not the step, sets the loss: random
 # weights have flat singular spectra (svd/asvd keep 80% of parameters but lose ~20% of the energy), and
 # dropping one of two random blocks removes half the network

@@ -7,3 +7,4 @@ from effspec.steps.quantize import fp8, nf4  # noqa: F401
 from effspec.steps.quantize import awq  # noqa: F401
 from effspec.steps.quantize import outliers, smoothquant, w8a8  # noqa: F401
 from effspec.steps.lowrank import svd  # noqa: F401
+from effspec.steps.tune import distill, finetune, lora  # noqa: F401
