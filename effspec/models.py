@@ -187,7 +187,7 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
         if missing or info.get("unexpected_keys"):  # transformers would leave them randomly initialized
             raise UserError(f"{path}: weights do not match the config (missing {sorted(missing)[:3]}, "
                             f"unexpected {sorted(info.get('unexpected_keys', ()))[:3]})")
-        return LoadedModel(model.eval(), tokenizer, spec, meta)
+        return LoadedModel(_own_memory(model).eval(), tokenizer, spec, meta)
     import effspec.steps  # noqa: F401  (steps add the wrapper modules they save, e.g. rotate's, to PACKED_LAYERS)
     from effspec.layers import PACKED_LAYERS
 
@@ -208,6 +208,19 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
     if set(missing) - tied or unexpected:
         raise UserError(f"{path}: weights do not match the config (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
     return LoadedModel(model.eval(), tokenizer, spec, meta)
+
+
+def _own_memory(model: nn.Module) -> nn.Module:
+    """Copy tensors out of the memory-mapped checkpoint file.
+
+    transformers maps model.safetensors and its tensors point into the mapping; while any of them
+    lives (the embeddings after every linear layer is packed, say), the whole file's pages read so
+    far stay resident, so a packed model would keep the float model's footprint (measured on
+    smollm2 after nf4: 514 MB file-backed resident against 109 MB with copies)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.data = t.data.clone()
+    return model
 
 
 def _load_adapter(path: Path, spec: str) -> LoadedModel:

@@ -22,11 +22,14 @@ a label (not -100), so prompts and padding never count.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from effspec.config import expect
@@ -118,6 +121,31 @@ def student_sequences(model: nn.Module, batch: Batch, generator: random.Random) 
     return {"input_ids": out, "labels": labels, "attention_mask": torch.ones_like(out)}
 
 
+PLAIN_HEADS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")  # logits = lm_head(last hidden state), nothing after
+CHUNK = 128  # positions per head call in the loss: the logits held at once
+
+
+@contextlib.contextmanager
+def head_apart(model: nn.Module) -> Iterator[nn.Module | None]:
+    """While inside, `model(...)` returns its last hidden states as "logits"; yields the head to apply.
+
+    The loss then applies the head chunk by chunk under activation checkpointing, so training
+    never holds the (tokens x vocabulary) logits, their log-softmax and their gradient at once:
+    at 512 tokens and smollm2's 49,152-token vocabulary that is ~100 MB each. Yields None (and
+    changes nothing) for models whose logits are not just the head of the last hidden state.
+    """
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(config, "model_type", None) not in PLAIN_HEADS:
+        yield None
+        return
+    model.set_output_embeddings(nn.Identity())
+    try:
+        yield head
+    finally:
+        model.set_output_embeddings(head)
+
+
 class Loss:
     """`loss(model, batch)` for the training loop, holding the teacher when the objective distills."""
 
@@ -131,21 +159,43 @@ class Loss:
 
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         cfg = self.cfg
-        if not cfg.needs_teacher:
-            return lm_loss(_logits(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch),
-                           batch["labels"])
-        if cfg.on_policy and self.rng.random() < cfg.on_policy:
+        if cfg.needs_teacher and cfg.on_policy and self.rng.random() < cfg.on_policy:
             batch = student_sequences(model, batch, self.rng)
-        hidden = cfg.hidden_weight > 0
+        hidden = cfg.needs_teacher and cfg.hidden_weight > 0
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        out = model(**inputs, output_hidden_states=hidden)
-        with torch.no_grad():
-            ref = self.teacher(**inputs, output_hidden_states=hidden)
-        mask = _targets(batch["labels"])
-        logits = _logits(out, batch)
-        loss = cfg.kd_weight * kl_divergence(logits[:, :-1], _logits(ref, batch)[:, :-1], mask, cfg.kl, cfg.temperature)
-        if cfg.kd_weight < 1:
-            loss = loss + (1 - cfg.kd_weight) * lm_loss(logits, batch["labels"])
+        with head_apart(model) as head:
+            out = model(**inputs, output_hidden_states=hidden)
+        h = _logits(out, batch)[:, :-1]  # last hidden states (or logits, head None) predicting tokens 1..L-1
+        ref = ref_h = teacher_head = None
+        if cfg.needs_teacher:
+            with torch.no_grad(), head_apart(self.teacher) as teacher_head:
+                ref = self.teacher(**inputs, output_hidden_states=hidden)
+            ref_h = _logits(ref, batch)[:, :-1]
+        mask, labels = _targets(batch["labels"]), batch["labels"][:, 1:]
+        kd = cfg.kd_weight if cfg.needs_teacher else 0.0
+
+        def chunk_loss(hs: torch.Tensor, ht: torch.Tensor | None, m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            """Summed loss of one chunk of positions (divided by the target count below)."""
+            logits = (head(hs) if head is not None else hs)[m].float()
+            total = logits.sum() * 0.0
+            if kd:
+                with torch.no_grad():
+                    t = (teacher_head(ht) if teacher_head is not None else ht)[m].float()
+                total = total + kd * kl_divergence(logits, t, torch.ones(len(t), dtype=torch.bool), cfg.kl,
+                                                   cfg.temperature) * len(t)
+            if kd < 1:
+                total = total + (1 - kd) * F.cross_entropy(logits, y[m], reduction="sum")
+            return total
+
+        total = h.sum() * 0.0
+        for s in range(0, h.shape[1], CHUNK):
+            part = (h[:, s : s + CHUNK], None if ref_h is None else ref_h[:, s : s + CHUNK], mask[:, s : s + CHUNK],
+                    labels[:, s : s + CHUNK])
+            if head is not None and torch.is_grad_enabled():  # recompute the chunk's logits in backward
+                total = total + torch.utils.checkpoint.checkpoint(chunk_loss, *part, use_reentrant=False)
+            else:
+                total = total + chunk_loss(*part)
+        loss = total / mask.sum().clamp_min(1)
         if hidden:
             loss = loss + cfg.hidden_weight * hidden_loss(out.hidden_states, ref.hidden_states, mask)
         return loss

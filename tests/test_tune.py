@@ -397,3 +397,59 @@ def test_tune_command_saves_adapters_and_models(cli, tmp_path):
     assert code == 2 and "r: got 0" in err and len(err.strip().splitlines()) == 1
     code, out, err = cli("tune", "tiny-llama", "--out", tmp_path / "p", "--method", "prompt", "--merge", *common)
     assert code == 2 and "cannot merge" in err
+
+
+@pytest.mark.parametrize("objective", [Objective(), Objective(objective="distill", kd_weight=0.5, temperature=2.0)])
+def test_chunked_head_loss_equals_the_full_logits_loss(objective, monkeypatch):
+    """The loss applies the head in chunks under checkpointing; value and gradients are the plain formula's."""
+    import effspec.objectives as objectives
+
+    monkeypatch.setattr(objectives, "CHUNK", 7)  # several chunks, the last one short
+    x = ids(2, 40, seed=5)
+    labels = x.clone()
+    labels[0, :10] = IGNORE  # a masked prompt
+    batch = {"input_ids": x, "labels": labels, "attention_mask": torch.ones_like(x)}
+    teacher = tiny().model
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    grads = []
+    for chunked in (True, False):
+        model = tiny().model.train()
+        if chunked:
+            loss = Loss(objective, teacher if objective.needs_teacher else None)(model, batch)
+        else:  # the reference: whole logits, the formulas written out
+            logits = model(x).logits[:, :-1]
+            m = labels[:, 1:] != IGNORE
+            ce = F.cross_entropy(logits[m], labels[:, 1:][m])
+            if objective.needs_teacher:
+                T = objective.temperature
+                with torch.no_grad():
+                    t = teacher(x).logits[:, :-1][m]
+                p_t = torch.softmax(t / T, -1)
+                kl = (p_t * (p_t.log() - torch.log_softmax(logits[m] / T, -1))).sum(-1).mean() * T * T
+                loss = 0.5 * kl + 0.5 * ce
+            else:
+                loss = ce
+        loss.backward()
+        grads.append((float(loss), model.model.layers[1].mlp.down_proj.weight.grad.clone(), model.lm_head.weight.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(grads[0][2], grads[1][2], atol=1e-6, rtol=1e-4)
+    assert type(tiny().model.lm_head) is nn.Linear  # the head is put back
+
+
+def test_fast_dropout_keeps_dropouts_rule():
+    from effspec.steps.tune.lora import FastDropout
+
+    torch.manual_seed(0)
+    d = FastDropout(0.1).train()
+    x = torch.randn(400, 500)
+    y = d(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.005
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / (1 - round(0.1 * 32768) / 32768))
+    assert torch.equal(d.eval()(x), x)
+    pm = attach(tiny().model, AdapterConfig(dropout=0.1))
+    assert any(isinstance(m, FastDropout) for m in pm.modules()) and not any(type(m) is nn.Dropout for m in pm.modules())

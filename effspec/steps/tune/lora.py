@@ -155,7 +155,33 @@ def attach(model: nn.Module, cfg: AdapterConfig):
     with warnings.catch_warnings():  # peft warns about every custom (packed) layer type and renamed APIs
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        return peft.get_peft_model(model, peft_config(model, cfg))
+        pm = peft.get_peft_model(model, peft_config(model, cfg))
+    for module in pm.modules():  # peft's dropouts, as FastDropout
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Dropout and child.p > 0:
+                setattr(module, name, FastDropout(child.p))
+    return pm
+
+
+class FastDropout(nn.Module):
+    """Dropout with a cheaper random draw: one random int16 per element against p * 2^15.
+
+    torch's CPU dropout spends ~4.5 ms drawing a 512 x 1536 mask (bernoulli_), and LoRA calls it
+    for every adapter, twice under activation checkpointing: 22% of a smollm2 LoRA step measured
+    in the profiler. Drawing int16s takes ~1.9 ms. Same rule as nn.Dropout (zero with probability
+    p, survivors scaled by 1 / (1 - p)); # deviation: p is rounded to a multiple of 2^-15.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.threshold = round(p * 32768)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        keep = torch.empty(x.shape, dtype=torch.int16).random_() >= self.threshold  # random_ on int16: 0 .. 2^15 - 1
+        return x * keep.to(x.dtype) * (32768 / (32768 - self.threshold))
 
 
 def save_adapter(peft_model, out: str | Path) -> None:
