@@ -73,7 +73,7 @@ within a run, not seconds across runs.
 
     python bench/tune.py --steps 3 --batch-size 2 --seqlen 128 --windows 1 --eval-seqlen 256 \\
         --distill-steps 3 --distill-batch 2 --distill-seqlen 128 --calib-samples 4 --calib-seqlen 128 \\
-        --eval-every 1 --out /tmp/tune-smoke.json          # a smoke run, ~5 min
+        --eval-every 1 --out bench/results/tune-smoke.json # a smoke run, ~5 min
     python bench/tune.py                                   # the issue's settings (over an hour)
 """
 
