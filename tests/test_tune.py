@@ -453,3 +453,16 @@ def test_fast_dropout_keeps_dropouts_rule():
     assert torch.equal(d.eval()(x), x)
     pm = attach(tiny().model, AdapterConfig(dropout=0.1))
     assert any(isinstance(m, FastDropout) for m in pm.modules()) and not any(type(m) is nn.Dropout for m in pm.modules())
+
+
+def test_qlora_model_decodes_on_the_lean_decoder():
+    from effspec import decoder
+
+    model = get_step("rtn").apply(tiny().model, get_step("rtn").config(bits=4, group_size=32), None)
+    model = get_step("lora").apply(model, config("lora", steps=3, lr=1e-2), ids())
+    assert decoder.supported(model)
+    x = ids(1, 12, seed=9)[0]
+    with torch.no_grad():
+        expected = model(x[None]).logits[0]
+        got = decoder.LeanDecoder(model, 16).forward(x, last_only=False)
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)  # decode kernels round activations to int8
