@@ -476,21 +476,13 @@ def cmd_tune(args) -> None:
     text = None
     if args.data is not None and args.instructions is None:  # its calibration part, else all of it
         text = calibration_tokens(loaded.tokenizer, load_text(args.data), 0)
-    teacher = None
-    if getattr(cfg, "needs_teacher", False) and cfg.teacher is None:
-        import copy
-
-        teacher = copy.deepcopy(loaded.model)  # tuning a model toward itself: useful with --set on_policy=...
-    reset_peak()
+    reset_peak()  # distilling without --set teacher=MODEL: the teacher is a copy of MODEL (effspec.tuning)
     t0 = time.perf_counter()
     if name == "finetune":
-        finetune.select_parameters(loaded.model, cfg.targets)
-        from effspec.tuning import fit
-
-        tlog = fit(loaded.model, cfg, text, loaded.tokenizer, teacher, "full")
-        model, pm = loaded.model.requires_grad_(False), None
+        tlog = finetune.tune_all(loaded.model, cfg, text, loaded.tokenizer, None, "full")
+        model, pm = loaded.model, None
     else:
-        pm, tlog = lora.train_adapter(loaded.model, cfg, text, loaded.tokenizer, teacher)
+        pm, tlog = lora.train_adapter(loaded.model, cfg, text, loaded.tokenizer)
         model = lora.detach(pm, cfg) if args.merge else None
     seconds, peak = time.perf_counter() - t0, peak_rss_bytes()
     trained = {"method": args.method, "base_model": args.model, "steps": len(tlog.losses), "tokens": tlog.tokens,

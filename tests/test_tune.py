@@ -219,8 +219,27 @@ def test_on_policy_distillation_trains_on_student_samples():
     student, teacher = tiny().model, tiny().model
     with torch.no_grad():
         student.model.layers[0].mlp.down_proj.weight.mul_(0.5)
-    cfg = config("distill", steps=2, on_policy=1.0, seqlen=16)
-    get_step("distill").apply(student, cfg, ids(4, 16), teacher=teacher)
+    import effspec.objectives as objectives
+
+    sampled = []
+    real = objectives.student_sequences
+
+    def spy(model, batch, rng):
+        out = real(model, batch, rng)
+        sampled.append((batch["input_ids"], out))
+        return out
+    objectives.student_sequences = spy
+    try:
+        w0 = student.model.layers[0].mlp.down_proj.weight.detach().clone()
+        cfg = config("distill", steps=2, on_policy=1.0, seqlen=16, lr=1e-2)
+        get_step("distill").apply(student, cfg, ids(4, 16), teacher=teacher)
+    finally:
+        objectives.student_sequences = real
+    assert len(sampled) == 4  # every micro-batch of both steps came from the student
+    for given, out in sampled:  # the first quarter kept, the rest sampled and the only targets
+        assert torch.equal(out["input_ids"][:, :4], given[:, :4]) and out["input_ids"].shape == given.shape
+        assert (out["labels"][:, :4] == IGNORE).all() and (out["labels"][:, 4:] != IGNORE).all()
+    assert not torch.equal(student.model.layers[0].mlp.down_proj.weight, w0)
 
 
 # ---- the loop: accumulation, schedule, resume ----------------------------------------------------

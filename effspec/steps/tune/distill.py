@@ -28,4 +28,5 @@ class DistillConfig(FinetuneConfig):
 
 @register("distill", family="tune", stage="training", config=DistillConfig, calibration=True, training=True)
 def apply(model: nn.Module, cfg: DistillConfig, calib=None, tokenizer=None, teacher=None) -> nn.Module:
-    return tune_all(model, cfg, calib, tokenizer, teacher, "distill")
+    tune_all(model, cfg, calib, tokenizer, teacher, "distill")
+    return model

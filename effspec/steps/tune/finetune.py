@@ -17,6 +17,7 @@ from torch import nn
 
 from effspec.config import expect
 from effspec.registry import register
+from effspec.train import TrainLog
 from effspec.tuning import TuneConfig, fit
 
 
@@ -40,15 +41,16 @@ def select_parameters(model: nn.Module, targets: tuple[str, ...]) -> int:
     return n
 
 
-def tune_all(model: nn.Module, cfg: FinetuneConfig, calib, tokenizer, teacher, describe: str) -> nn.Module:
+def tune_all(model: nn.Module, cfg: FinetuneConfig, calib, tokenizer, teacher, describe: str) -> TrainLog:
+    """Train `cfg.targets` of `model` in place (frozen again afterwards); the step and `effspec tune` share it."""
     select_parameters(model, cfg.targets)
     try:
-        fit(model, cfg, calib, tokenizer, teacher, describe)
+        return fit(model, cfg, calib, tokenizer, teacher, describe)
     finally:
         model.requires_grad_(False)
-    return model
 
 
 @register("finetune", family="tune", stage="training", config=FinetuneConfig, calibration=True, training=True)
 def apply(model: nn.Module, cfg: FinetuneConfig, calib=None, tokenizer=None, teacher=None) -> nn.Module:
-    return tune_all(model, cfg, calib, tokenizer, teacher, "finetune")
+    tune_all(model, cfg, calib, tokenizer, teacher, "finetune")
+    return model
