@@ -1,8 +1,9 @@
 """Zero-shot task benchmark: effspec's task scorer against lm-evaluation-harness on the same local files.
 
 `smollm2-135m` float32 on hellaswag, piqa, arc_easy, winogrande, boolq and
-lambada_openai, read from ../shared/data (see its MANIFEST.md), scored twice in
-one run:
+lambada_openai, plus lm-eval's wikitext task (word perplexity, byte perplexity
+and bits per byte over the 62 WikiText-2 test articles, rolling 8,192-token
+windows), read from ../shared/data (see its MANIFEST.md), scored twice in one run:
 
 - effspec: `effspec.measure.tasks.evaluate_tasks`, in a subprocess of its own
   (python start, imports, model load and scoring all timed).
@@ -15,14 +16,18 @@ one run:
   delimiter, metrics) with the hub dataset swapped for local JSON Lines that this
   script writes from the shared files in the hub datasets' field names (PIQA's
   labels joined in, HellaSwag's 6-line text parsed, ARC and LAMBADA turned back
-  from MosaicML's format, BoolQ's boolean answer as a 0/1 label).
+  from MosaicML's format, BoolQ's boolean answer as a 0/1 label, WikiText's raw
+  test file cut into articles by the document-level dataset's rule). lm-eval runs
+  the multiple-choice tasks at --batch-size and wikitext in a second call at batch
+  size 1; its time is the sum of both.
 
 Both sides get the same thread count (`--threads`: OMP_NUM_THREADS,
 MKL_NUM_THREADS, RAYON_NUM_THREADS, and torch's intra-op threads) and score the
 same documents: with `--limit N` effspec draws its seeded subset of N per task,
 and lm-eval is given exactly those documents (`--samples`, by index; lm-eval's
 own `--limit` would take the first N instead). Accuracy is compared per task in
-points (target |Δ| <= 0.5); time is wall clock end to end for each side (target
+points (target |Δ| <= 0.5), wikitext's word perplexity relatively (target
+<= 0.1%: one definition, only float rounding may differ); time is wall clock end to end for each side (target
 effspec >= 1.5x faster). Timings are one run each on a shared, noisy machine:
 compare the ratio, not the seconds.
 
@@ -71,12 +76,16 @@ DEFAULT_OUT = REPO / "bench" / "results" / "tasks.json"
 DEFAULT_PEER_VENV = REPO / "bench" / ".venv-lmeval"
 YAML_DIR = Path(__file__).resolve().parent / "lmeval_tasks"
 MODEL = "smollm2-135m"
-TASKS = ("hellaswag", "piqa", "arc_easy", "winogrande", "boolq", "lambada_openai")
+TASKS = ("hellaswag", "piqa", "arc_easy", "winogrande", "boolq", "lambada_openai", "wikitext")
+ROLLING = ("wikitext",)
+ROLLING_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")  # loglikelihood_rolling over 8,192-token windows: lm-eval runs it at batch size 1 (memory)
+TARGET_ROLLING_REL = 1e-3  # word perplexity: the same definition on both sides, so only float rounding may differ
 # torch first: the CPU build on this disk (else pip pulls a multi-GB CUDA build). transformers >= 5 reads the
 # cached model's config (rope_parameters) and tokenizer (TokenizersBackend); 4.x would misread the RoPE base.
 PEER_INSTALL = (("torch==2.13.0",), ("lm-eval[hf]==0.4.13", "transformers>=5"))
 KLD_RECIPES = ("rtn-w8", "rtn-w4-g64", "rtn-w3-g64")
 QUICK_LIMIT = 100
+QUICK_ROLLING_LIMIT = 4  # wikitext articles in a --quick run (each is thousands of tokens)
 QUICK_KLD = {"windows": 4, "seqlen": 512}
 TARGET_DELTA_PTS, TARGET_SPEEDUP = 0.5, 1.5
 
@@ -94,7 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="documents per task: effspec's seeded subset, the same documents given to lm-eval (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default 0)")
     p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: --limit {QUICK_LIMIT}, KLD on {QUICK_KLD['windows']} windows of {QUICK_KLD['seqlen']} tokens")
+                   help=f"smoke run: --limit {QUICK_LIMIT} ({QUICK_ROLLING_LIMIT} wikitext articles), KLD on {QUICK_KLD['windows']} windows of {QUICK_KLD['seqlen']} tokens")
     p.add_argument("--threads", type=int, default=2, help="threads for each side (default 2)")
     p.add_argument("--batch-size", type=int, default=32, help="lm-eval's --batch_size (default 32)")
     p.add_argument("--peer-venv", type=Path, default=DEFAULT_PEER_VENV,
@@ -119,6 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.tasks = [t for t in TASKS if t in args.tasks]
     if args.quick and args.limit is None:
         args.limit = QUICK_LIMIT
+    args.limits = {t: min(args.limit, QUICK_ROLLING_LIMIT) if args.quick and t in ROLLING else args.limit
+                   for t in args.tasks}  # documents per task (None: all)
     for name in ("threads", "batch_size", "limit", "kld_windows", "kld_seqlen"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -196,6 +207,10 @@ def peer_docs(name: str, data: Path) -> list[dict]:
     if name == "lambada_openai":
         return [{"text": d["context"] + " " + d["continuation"]}
                 for d in _jsonl(data / "lambada_openai" / "lambada_openai.jsonl")]
+    if name == "wikitext":
+        from effspec.measure.wikitext import FILE, documents
+
+        return [{"page": p} for p in documents((data / FILE).read_text(encoding="utf-8"))]
     raise ValueError(f"unknown task {name}")
 
 
@@ -227,8 +242,9 @@ def subset_indices(name: str, data: Path, n_docs: int, limit: int | None, seed: 
     if limit is None or limit >= n_docs:
         return None
     from effspec.measure.tasks import load_task, subset
+    from effspec.measure.wikitext import load_pages
 
-    n = len(load_task(name, data))
+    n = len(load_pages(data)) if name in ROLLING else len(load_task(name, data))
     if n != n_docs:
         raise ValueError(f"{name}: effspec reads {n} documents, the converted file has {n_docs}; "
                          "cannot give lm-eval the same subset")
@@ -264,11 +280,19 @@ def check_prompts(args: argparse.Namespace, venv: Path, task_dir: Path, tmp: Pat
     if proc.returncode != 0:
         raise PeerUnavailable(f"building lm-eval's requests: {_last_error(proc.stderr, proc.returncode)}")
     from effspec.measure.tasks import load_task
+    from effspec.measure.wikitext import detokenize, load_pages
 
     requests = json.loads(out.read_text())
     rows = []
     for t in args.tasks:
-        ours, theirs = load_task(t, args.data), requests[f"local_{t}"]
+        theirs = requests[f"local_{t}"]
+        if t in ROLLING:  # one request per document: the detokenized page
+            ours = [detokenize(p) for p in load_pages(args.data)]
+            differ = [i for i, (text, (pairs, _)) in enumerate(zip(ours, theirs)) if pairs != [[text]]]
+            rows.append({"kind": "prompts", "task": t, "docs_effspec": len(ours), "docs_lmeval": len(theirs),
+                         "differing": len(differ) + abs(len(ours) - len(theirs)), "first_differing": differ[:10]})
+            continue
+        ours = load_task(t, args.data)
         differ = []
         for i, (ex, (pairs, gold)) in enumerate(zip(ours, theirs)):
             same_gold = t == "lambada_openai" or int(gold) == ex.gold
@@ -301,9 +325,12 @@ def effspec_worker(spec_path: Path) -> int:
 
     loaded = load_model(MODEL)
     t_load = time.perf_counter() - t0
-    results = evaluate_tasks(loaded.model, loaded.tokenizer, spec["tasks"], Path(spec["data"]), spec["limit"], spec["seed"])
-    tasks = {name: {"n": r.n, "acc": r.acc, "acc_norm": r.acc_norm, "perplexity": r.perplexity, "seconds": r.seconds}
-             for name, r in results.items()}
+    results = {}
+    for name in spec["tasks"]:
+        results.update(evaluate_tasks(loaded.model, loaded.tokenizer, [name], Path(spec["data"]), spec["limits"][name],
+                                      spec["seed"]))
+    tasks = {name: {"n": r.n, "acc": r.acc, "acc_norm": r.acc_norm, "perplexity": r.perplexity, "seconds": r.seconds,
+                    **{k: getattr(r, k) for k in ROLLING_METRICS}} for name, r in results.items()}
     out = {"load_seconds": t_load, "threads": torch.get_num_threads(), "tasks": tasks,
            "inner_seconds": time.perf_counter() - t0}
     spec_path.with_suffix(".out.json").write_text(json.dumps(out))
@@ -313,7 +340,7 @@ def effspec_worker(spec_path: Path) -> int:
 def run_effspec(args: argparse.Namespace, tmp: Path) -> dict:
     """Run effspec's side in a subprocess; its results and wall time, or {"error": ...}."""
     spec = tmp / "effspec_spec.json"
-    spec.write_text(json.dumps({"tasks": args.tasks, "data": str(args.data), "limit": args.limit,
+    spec.write_text(json.dumps({"tasks": args.tasks, "data": str(args.data), "limits": args.limits,
                                 "seed": args.seed, "threads": args.threads}))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--effspec-worker", str(spec)]
     log.info("effspec: scoring %s%s", ", ".join(args.tasks), f" (limit {args.limit})" if args.limit else "")
@@ -395,31 +422,41 @@ def model_dir() -> Path:
 
 def run_peer(args: argparse.Namespace, exe: Path, model: Path, task_dir: Path, samples: dict[str, list[int]],
              tmp: Path) -> dict:
-    """lm_eval on the local_* tasks; its metrics per task and wall time, or {"error": ...}."""
-    out_dir = tmp / "lmeval_out"
-    cmd = [str(exe), "run", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
-           "--device", "cpu", "--batch_size", str(args.batch_size), "--include_path", str(task_dir),
-           "--tasks", ",".join(f"local_{t}" for t in args.tasks), "--output_path", str(out_dir),
-           "--seed", str(args.seed)]
-    if samples:
-        cmd += ["--samples", json.dumps({f"local_{t}": idx for t, idx in samples.items()})]
-    env = thread_env(args.threads)
-    env["HF_DATASETS_CACHE"] = str(tmp / "hf_datasets")  # fresh: lm-eval's data preparation is part of its time
-    log.info("lm-eval: scoring %s (batch size %d)", ", ".join(args.tasks), args.batch_size)
-    proc, wall, cpu = timed_run(cmd, env)
-    (tmp / "lmeval.log").write_text(" ".join(cmd) + "\n\n" + proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        return {"error": _last_error(proc.stderr, proc.returncode), "wall_seconds": wall}
-    found = sorted(out_dir.rglob("results_*.json"))
-    if not found:
-        return {"error": f"no results_*.json under {out_dir}", "wall_seconds": wall}
-    res = json.loads(found[-1].read_text())
-    tasks = {}
-    for t in args.tasks:
-        m = res["results"].get(f"local_{t}", {})
-        n = res.get("n-samples", {}).get(f"local_{t}", {}).get("effective")
-        tasks[t] = {"n": n, "acc": m.get("acc,none"), "acc_norm": m.get("acc_norm,none"),
-                    "perplexity": m.get("perplexity,none")}
+    """lm_eval on the local_* tasks; its metrics per task and wall time, or {"error": ...}.
+
+    The multiple-choice tasks run in one lm_eval call at --batch-size; wikitext in a second call at
+    batch size 1 (a batch of 8,192-token windows would hold batch x 8,192 x 49,152 float32 logits).
+    Wall and CPU time are the sum of both calls.
+    """
+    groups = [([t for t in args.tasks if t not in ROLLING], args.batch_size), ([t for t in args.tasks if t in ROLLING], 1)]
+    tasks: dict = {}
+    wall = cpu = 0.0
+    for i, (names, batch) in enumerate(g for g in groups if g[0]):
+        out_dir = tmp / f"lmeval_out{i}"
+        cmd = [str(exe), "run", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
+               "--device", "cpu", "--batch_size", str(batch), "--include_path", str(task_dir),
+               "--tasks", ",".join(f"local_{t}" for t in names), "--output_path", str(out_dir),
+               "--seed", str(args.seed)]
+        picked = {f"local_{t}": samples[t] for t in names if t in samples}
+        if picked:
+            cmd += ["--samples", json.dumps(picked)]
+        env = thread_env(args.threads)
+        env["HF_DATASETS_CACHE"] = str(tmp / "hf_datasets")  # fresh: lm-eval's data preparation is part of its time
+        log.info("lm-eval: scoring %s (batch size %d)", ", ".join(names), batch)
+        proc, w, c = timed_run(cmd, env)
+        wall, cpu = wall + w, cpu + c
+        with (tmp / "lmeval.log").open("a") as f:
+            f.write(" ".join(cmd) + "\n\n" + proc.stdout + proc.stderr + "\n")
+        if proc.returncode != 0:
+            return {"error": _last_error(proc.stderr, proc.returncode), "wall_seconds": wall}
+        found = sorted(out_dir.rglob("results_*.json"))
+        if not found:
+            return {"error": f"no results_*.json under {out_dir}", "wall_seconds": wall}
+        res = json.loads(found[-1].read_text())
+        for t in names:
+            m = res["results"].get(f"local_{t}", {})
+            n = res.get("n-samples", {}).get(f"local_{t}", {}).get("effective")
+            tasks[t] = {"n": n, **{k: m.get(f"{k},none") for k in ("acc", "acc_norm", "perplexity", *ROLLING_METRICS)}}
     return {"tasks": tasks, "wall_seconds": wall, "cpu_seconds": cpu}
 
 
@@ -427,8 +464,7 @@ def run_peer(args: argparse.Namespace, exe: Path, model: Path, task_dir: Path, s
 def kld_rows(args: argparse.Namespace) -> list[dict]:
     """KL divergence and top-1 agreement to float32 of `smollm2-135m` under RTN w8 / w4 g64 / w3 g64.
 
-    TODO(kld owner): finish against the final effspec.pipeline API. As written it
-    scores float32 once on the WikiText-2 test windows (its top-k distributions
+    Scores float32 once on the WikiText-2 test windows (its top-k distributions
     are the reference, cached by effspec), then each recipe on a fresh load, with
     only the "kld" measure (which also yields perplexity). Expected: w8 KLD tiny,
     each lower bit width clearly larger, top-1 agreement falling.
@@ -469,6 +505,16 @@ def task_rows(names: list[str], ours: dict, peer: dict | None) -> list[dict]:
     for t in names:
         e = ours.get("tasks", {}).get(t, {})
         p = (peer or {}).get("tasks", {}).get(t, {})
+        if t in ROLLING:
+            row = {"kind": "rolling", "task": t, "n_effspec": e.get("n"), "n_lmeval": p.get("n"),
+                   "effspec": {k: e.get(k) for k in (*ROLLING_METRICS, "seconds")},
+                   "lmeval": {k: p.get(k) for k in ROLLING_METRICS}}
+            a, b = e.get("word_perplexity"), p.get("word_perplexity")
+            row["rel_delta_word_perplexity"] = abs(a - b) / b if a is not None and b else None
+            row["within_target"] = (row["rel_delta_word_perplexity"] <= TARGET_ROLLING_REL
+                                    if row["rel_delta_word_perplexity"] is not None else None)
+            rows.append(row)
+            continue
         row = {"kind": "task", "task": t, "n_effspec": e.get("n"), "n_lmeval": p.get("n"),
                "effspec": {k: e.get(k) for k in ("acc", "acc_norm", "perplexity", "seconds")},
                "lmeval": {k: p.get(k) for k in ("acc", "acc_norm", "perplexity")}}
@@ -495,6 +541,17 @@ def table(rows: list[dict]) -> str:
         lines.append((r["task"], str(n if n is not None else "-"), _fmt(e["acc"], ".2f", 100), _fmt(e["acc_norm"], ".2f", 100),
                       _fmt(p["acc"], ".2f", 100), _fmt(p["acc_norm"], ".2f", 100), _fmt(r["delta_acc_pts"]),
                       _fmt(r["delta_acc_norm_pts"]), _fmt(e["perplexity"], ".3f"), _fmt(p["perplexity"], ".3f")))
+    return _render(lines)
+
+
+def rolling_table(rows: list[dict]) -> str:
+    lines = [("task", "n", "side", "word perplexity", "byte perplexity", "bits/byte")]
+    for r in rows:
+        for side, name in (("effspec", "effspec"), ("lmeval", "lm-eval")):
+            v = r[side]
+            n = r["n_effspec"] if side == "effspec" else r["n_lmeval"]
+            lines.append((r["task"], str(n if n is not None else "-"), name, _fmt(v["word_perplexity"], ".4f"),
+                          _fmt(v["byte_perplexity"], ".5f"), _fmt(v["bits_per_byte"], ".5f")))
     return _render(lines)
 
 
@@ -525,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="effspec-bench-tasks-"))
     rows: list[dict] = []
-    meta: dict = {"benchmark": "tasks", "model": MODEL, "data": str(args.data), "tasks": args.tasks, "limit": args.limit,
+    meta: dict = {"benchmark": "tasks", "model": MODEL, "data": str(args.data), "tasks": args.tasks, "limit": args.limit, "limits": args.limits,
                   "seed": args.seed, "quick": args.quick, "threads": args.threads, "lmeval_batch_size": args.batch_size}
     try:
         try:
@@ -545,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                 meta["lmeval_env"] = peer_versions(args.peer_venv, args.threads)
                 samples = {}
                 for t in args.tasks:
-                    idx = subset_indices(t, args.data, counts[t], args.limit, args.seed)
+                    idx = subset_indices(t, args.data, counts[t], args.limits[t], args.seed)
                     if idx is not None:
                         samples[t] = idx
                 peer = run_peer(args, exe, model_dir(), task_dir, samples, tmp)
@@ -559,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in peer:
                 log.error("lm-eval: %s (log: %s)", peer["error"], tmp / "lmeval.log")
                 rows.append({"kind": "error", "side": "lmeval", "error": f"peer unavailable: {peer['error']}"})
-        rows += task_rows(args.tasks, ours, peer)
+        rows += task_rows(args.tasks, ours, peer)  # "task" and "rolling" rows
         timing = {"kind": "timing", "effspec_wall_seconds": ours.get("wall_seconds"),
                   "effspec_cpu_seconds": ours.get("cpu_seconds"), "effspec_load_seconds": ours.get("load_seconds"),
                   "effspec_threads": ours.get("threads"), "lmeval_wall_seconds": (peer or {}).get("wall_seconds"),
@@ -590,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
 
     trows = [r for r in rows if r["kind"] == "task"]
+    rolling = [r for r in rows if r["kind"] == "rolling"]
     timing = next(r for r in rows if r["kind"] == "timing")
     lm = meta.get("lmeval_env", {})
     print(f"effspec task benchmark: {MODEL} float32, zero-shot, on {args.data}"
@@ -601,8 +659,16 @@ def main(argv: list[str] | None = None) -> int:
         if r["kind"] == "error":
             print(f"{r['side']}: {r['error']}")
     print()
-    print(table(trows))
-    print()
+    if trows:
+        print(table(trows))
+        print()
+    if rolling:
+        print(rolling_table(rolling))
+        for r in rolling:
+            rel = r["rel_delta_word_perplexity"]
+            print(f"{r['task']}: word perplexity differs by {_fmt(rel * 100 if rel is not None else None, '.4f')}% "
+                  f"(target <= {TARGET_ROLLING_REL * 100:g}%: the same definition, only float rounding may differ)")
+        print()
     t = timing
     print(f"wall, end to end (process start, model load, scoring): effspec {_fmt(t['effspec_wall_seconds'], '.1f')} s, "
           f"lm-eval {_fmt(t['lmeval_wall_seconds'], '.1f')} s, effspec speedup {_fmt(t['speedup'], '.2f')}x "

@@ -47,12 +47,12 @@ def _fmt(v: object) -> str:
 def _task_names(text: str | None) -> tuple[str, ...]:
     if not text:
         return ()
-    from effspec.measure.tasks import TASKS
+    from effspec.measure.tasks import ALL_TASKS, TASKS
 
     names = TASKS if text == "all" else tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in names if t not in TASKS]
+    unknown = [t for t in names if t not in ALL_TASKS]
     if unknown:
-        raise UserError(f"--tasks: unknown task '{unknown[0]}'; expected 'all' or some of {', '.join(TASKS)}")
+        raise UserError(f"--tasks: unknown task '{unknown[0]}'; expected 'all' or some of {', '.join(ALL_TASKS)}")
     return names
 
 
@@ -75,8 +75,8 @@ def _metrics_table(row: dict) -> list[tuple[str, object]]:
             "kld_mean", "kld_p99", "top1_agreement", "stored_bytes", "params", "bits_per_param",
             "linear_stored_bytes", "linear_bits_per_param", "sparsity", "decode_tokens_per_s", "prefill_tokens_per_s",
             "peak_rss_bytes", "apply_seconds")
-    tasks = [k for k in row if k.startswith(("acc_", "tasks_avg")) or k.endswith("_perplexity") and k != "word_perplexity"
-             and k != "byte_perplexity"]
+    tasks = [k for k in row if k.startswith(("acc_", "tasks_avg", "wikitext_"))
+             or k.endswith("_perplexity") and k not in ("word_perplexity", "byte_perplexity")]
     return [(k, row[k]) for k in keys if k in row] + [(k, row[k]) for k in tasks]
 
 
@@ -517,7 +517,8 @@ def _add_measure_flags(p: argparse.ArgumentParser, windows: int | None = 32) -> 
     p.add_argument("--prefill-tokens", type=int, default=2048, help="prefill-speed window (default: %(default)s)")
     p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up, median (default: %(default)s)")
     p.add_argument("--tasks", help="zero-shot tasks to score: comma-separated names or 'all' (hellaswag, piqa, "
-                   "arc_easy, winogrande, boolq, lambada_openai)")
+                   "arc_easy, winogrande, boolq, lambada_openai); also 'wikitext': lm-eval's word perplexity "
+                   "and bits per byte over whole WikiText-2 articles")
     p.add_argument("--tasks-dir", help="local task files (layout of ../shared/data; default $EFFSPEC_TASKS_DIR, else the hub)")
     p.add_argument("--limit", type=int, help="score a fixed seeded subset of N examples per task")
     p.add_argument("--kld", action="store_true", help="KL divergence and top-1 agreement against the original model")

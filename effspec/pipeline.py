@@ -168,13 +168,13 @@ class Evaluation:
                                  m.task_limit)
         row: dict = {}
         for name, r in results.items():
-            row[f"acc_{name}"] = r.acc
-            if r.acc_norm is not None:
-                row[f"acc_norm_{name}"] = r.acc_norm
-            if r.perplexity is not None:
-                row[f"{name}_perplexity"] = r.perplexity
-            row[f"{name}_n"] = r.n
-        row["tasks_avg_acc"] = sum(r.acc for r in results.values()) / len(results)
+            figures = {f"acc_{name}": r.acc, f"acc_norm_{name}": r.acc_norm, f"{name}_perplexity": r.perplexity,
+                       f"{name}_word_perplexity": r.word_perplexity, f"{name}_byte_perplexity": r.byte_perplexity,
+                       f"{name}_bits_per_byte": r.bits_per_byte, f"{name}_n": r.n}
+            row.update({k: v for k, v in figures.items() if v is not None})
+        accs = [r.acc for r in results.values() if r.acc is not None]
+        if accs:
+            row["tasks_avg_acc"] = sum(accs) / len(accs)
         row["tasks_seconds"] = sum(r.seconds for r in results.values())
         return row
 

@@ -179,6 +179,27 @@ def test_encode_pair_follows_lm_eval(tiny):
     assert tasks.encode_pair(tok, "", "hi") == ([tok.eos_token_id], [104, 105])
 
 
+class _BosTokenizer:
+    """A Llama-style tokenizer in miniature: one id per byte, BOS (id 1) first unless told not to."""
+
+    bos_token, bos_token_id, eos_token_id = "<s>", 1, 2
+
+    def __call__(self, text, add_special_tokens=True):
+        if text.startswith(self.bos_token):
+            ids, text = [self.bos_token_id], text[len(self.bos_token):]
+        else:
+            ids = [self.bos_token_id] if add_special_tokens else []
+        return {"input_ids": ids + list(text.encode())}
+
+
+def test_encode_keeps_the_tokenizers_bos_as_lm_eval_does():
+    tok = _BosTokenizer()
+    # lm-eval's tok_encode uses the tokenizer's default: the context starts with BOS, the continuation does not
+    assert tasks.encode_pair(tok, "ab ", "c") == ([1, 97, 98], [32, 99])
+    assert tasks.encode_pair(tok, "", "hi") == ([1], [1, 104, 105])  # empty context: the prefix token, then tok_encode
+    assert tasks.encode(tok, "<s>ab") == [1, 97, 98]  # already starts with BOS: not added twice
+
+
 def _write_piqa(root: Path, rows: list[tuple[str, str, str, int]]):
     (root / "piqa").mkdir(parents=True)
     with (root / "piqa" / "valid.jsonl").open("w") as f:

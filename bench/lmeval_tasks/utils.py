@@ -40,3 +40,17 @@ def winogrande_doc_to_target(doc):
 def winogrande_doc_to_choice(doc):
     head = doc["sentence"][:doc["sentence"].index("_")]
     return [head + doc["option1"], head + doc["option2"]]
+
+
+def wikitext_doc_to_target(doc):
+    # lm-eval's own wikitext detokenizer, imported from the lm-eval installed beside this file's runner
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
+    return wikitext_detokenizer(doc)
+
+
+def wikitext_process_results(doc, results):
+    # lm-eval's own wikitext word and byte counts (of the page before detokenization)
+    from lm_eval.tasks.wikitext.preprocess_wikitext import process_results
+
+    return process_results(doc, results)

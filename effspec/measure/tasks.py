@@ -20,8 +20,9 @@ index. What the model sees, per task (lm-eval's task YAMLs; `|` separates choice
 
 Scoring (lm-eval's `loglikelihood`): trailing whitespace of the context moves to
 the continuation; `context_ids = encode(context)`, `continuation_ids =
-encode(context + continuation)[len(context_ids):]`, no special tokens; an
-empty context is the BOS token (else EOS). A choice's loglikelihood is the sum
+encode(context + continuation)[len(context_ids):]`, with the tokenizer's
+default special tokens as lm-eval's `tok_encode` (a BOS first for Llama-style
+tokenizers); an empty context is the BOS token (else EOS). A choice's loglikelihood is the sum
 of log-softmax over its continuation tokens; acc takes the argmax, acc_norm the
 argmax of loglikelihood / len(choice) in characters.
 
@@ -64,6 +65,8 @@ from effspec.progress import track
 log = logging.getLogger(__name__)
 
 TASKS: tuple[str, ...] = ("hellaswag", "piqa", "arc_easy", "winogrande", "boolq", "lambada_openai")
+ROLLING_TASKS: tuple[str, ...] = ("wikitext",)  # lm-eval's rolling log-likelihood task (effspec.measure.wikitext)
+ALL_TASKS = TASKS + ROLLING_TASKS
 TARGET_DELIMITER = " "  # lm-eval's default target_delimiter, the same for all six tasks
 REPORTS_ACC_NORM = frozenset({"hellaswag", "piqa", "arc_easy"})
 TASKS_DIR_ENV = "EFFSPEC_TASKS_DIR"
@@ -101,10 +104,13 @@ class Example:
 class TaskResult:
     task: str
     n: int
-    acc: float  # in [0, 1]
+    acc: float | None  # in [0, 1]; None for wikitext
     acc_norm: float | None
     perplexity: float | None  # lambada_openai only
     seconds: float
+    word_perplexity: float | None = None  # wikitext only, as lm-eval defines these three
+    byte_perplexity: float | None = None
+    bits_per_byte: float | None = None
 
 
 def _choices(context: str, choices: Sequence[str], gold: int) -> Example:
@@ -299,12 +305,15 @@ def subset(n: int, limit: int | None, seed: int = 0) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), limit))
 
 
+def _env_tasks_dir() -> Path | None:
+    return Path(os.environ[TASKS_DIR_ENV]) if os.environ.get(TASKS_DIR_ENV) else None
+
+
 def load_task(name: str, tasks_dir: Path | None = None, limit: int | None = None, seed: int = 0) -> list[Example]:
     """The examples of task `name` from `tasks_dir` (else $EFFSPEC_TASKS_DIR, else the hub)."""
     if name not in TASKS:
         raise UserError(f"unknown task '{name}': expected one of {', '.join(TASKS)}")
-    if tasks_dir is None and os.environ.get(TASKS_DIR_ENV):
-        tasks_dir = Path(os.environ[TASKS_DIR_ENV])
+    tasks_dir = tasks_dir or _env_tasks_dir()
     if tasks_dir is None:
         examples, source = _from_hub(name), HUB[name][0]
     else:
@@ -324,8 +333,13 @@ def load_task(name: str, tasks_dir: Path | None = None, limit: int | None = None
 PACK_TOKENS = 256
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def encode(tokenizer, text: str) -> list[int]:
+    """lm-eval's `tok_encode`: the tokenizer's own special-token default (BOS for Llama-style tokenizers,
+    nothing for GPT-2 style), unless the text already starts with the BOS string."""
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text)["input_ids"])
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -335,9 +349,9 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     if not context:  # lm-eval conditions an empty context on the BOS token (EOS when there is none)
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return [prefix], _encode(tokenizer, continuation)
-    context_ids = _encode(tokenizer, context)
-    return context_ids, _encode(tokenizer, context + continuation)[len(context_ids):]
+        return [prefix], encode(tokenizer, continuation)
+    context_ids = encode(tokenizer, context)
+    return context_ids, encode(tokenizer, context + continuation)[len(context_ids):]
 
 
 def _max_length(model: nn.Module) -> int:
@@ -486,10 +500,18 @@ def evaluate_tasks(model: nn.Module, tokenizer, names: Sequence[str], tasks_dir:
                    limit: int | None = None, seed: int = 0) -> dict[str, TaskResult]:
     """Score each task in `names`; seconds cover loading and scoring."""
     for name in names:
-        if name not in TASKS:
-            raise UserError(f"unknown task '{name}': expected one of {', '.join(TASKS)}")
+        if name not in ALL_TASKS:
+            raise UserError(f"unknown task '{name}': expected one of {', '.join(ALL_TASKS)}")
     results = {}
     for name in names:
+        if name == "wikitext":
+            from effspec.measure.wikitext import evaluate_wikitext
+
+            w = evaluate_wikitext(model, tokenizer, tasks_dir or _env_tasks_dir(), limit, seed)
+            results[name] = TaskResult(name, w.documents, None, None, None, w.seconds, w.word_perplexity,
+                                       w.byte_perplexity, w.bits_per_byte)
+            log.info("wikitext: %d documents, word perplexity %.4f (%.1f s)", w.documents, w.word_perplexity, w.seconds)
+            continue
         start = time.perf_counter()
         examples = load_task(name, tasks_dir, limit, seed)
         scores = score_examples(model, tokenizer, examples, name)
