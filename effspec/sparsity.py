@@ -98,6 +98,25 @@ class PruneConfig:
                                 f"is not a multiple of {m}")
 
 
+@dataclass(frozen=True)
+class CalibratedPruneConfig(PruneConfig):
+    """Fields of the pruning steps that see calibration activations (Wanda, SparseGPT)."""
+
+    allocation: str = "uniform"  # "owl": per-block sparsity from outlier ratios (effspec.owl), mean `sparsity`
+    owl_m: float = 5.0  # OWL's M: a score is an outlier above M times its block's mean score
+    owl_lambda: float = 0.08  # OWL's lambda: block sparsities span sparsity +- lambda
+
+    def __post_init__(self):
+        super().__post_init__()
+        expect(self.allocation in ("uniform", "owl"), "allocation", self.allocation, "uniform or owl")
+        if self.allocation == "owl":
+            expect(not self.nm, "allocation", self.allocation, "uniform when nm is set (N:M fixes every row's sparsity)")
+            expect(self.owl_m > 0, "owl_m", self.owl_m, "a positive multiple of the mean score")
+            expect(0 < self.owl_lambda <= min(self.sparsity, 1 - self.sparsity) and self.sparsity + self.owl_lambda < 1,
+                   "owl_lambda", self.owl_lambda, f"in (0, {min(self.sparsity, 1 - self.sparsity):g}] so every "
+                   f"block's sparsity stays in [0, 1) around sparsity={self.sparsity:g}")
+
+
 # ---- storage ---------------------------------------------------------------------------------------------
 class SparseLinear(nn.Module):
     """y = x W^T + b with W stored as a bitmask of kept positions and the kept values, row-major."""

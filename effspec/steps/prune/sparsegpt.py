@@ -23,6 +23,10 @@ without `bits` a `SparseLinear` (bitmask + values).
 
 Calibration runs block by block through `effspec.layerwise` (true-sequential
 by default); H is damped by `dampening` times its mean diagonal.
+
+`allocation: owl` prunes each decoder block to its own OWL sparsity (more
+outliers, fewer weights removed; mean `sparsity`), from one extra calibration
+pass over the dense model (`effspec.owl`); unstructured only.
 """
 
 from __future__ import annotations
@@ -38,14 +42,15 @@ from effspec.layers import QuantLinear
 from effspec.layerwise import solve_layerwise
 from effspec.quant import SUPPORTED_BITS, Grid, grid_params
 from effspec.registry import register
-from effspec.sparsity import PruneConfig, SparseLinear, nm_mask, unstructured_mask
+from effspec.owl import block_configs
+from effspec.sparsity import CalibratedPruneConfig, SparseLinear, nm_mask, unstructured_mask
 from effspec.surgery import linear_layers, replace_module
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SparseGPTConfig(PruneConfig):
+class SparseGPTConfig(CalibratedPruneConfig):
     bits: int = 0  # > 0: quantize jointly to this many bits (symmetric grid)
     group_size: int = 64  # of the joint quantization grid; 0 = per channel
     block_size: int = 128  # lazy-batch and mask-selection width (the paper's B_s = 128)
@@ -141,10 +146,12 @@ def apply(model: nn.Module, cfg: SparseGPTConfig, calib=None) -> nn.Module:
     if calib is None:
         raise ValueError("sparsegpt needs calibration data")
 
+    config_of = block_configs(model, calib, targets, cfg)  # per-block sparsity when allocation is owl
+
     def prune_group(block: nn.Module, group: list[str], H: torch.Tensor) -> None:
         for n in group:
             lin = block.get_submodule(n)
-            r = sparsegpt_prune(lin.weight.detach(), H, cfg)
+            r = sparsegpt_prune(lin.weight.detach(), H, config_of(block))
             if cfg.grid:
                 layer = QuantLinear.from_codes(r.codes, r.scale, r.minimum, cfg.grid, lin.bias)
             else:
