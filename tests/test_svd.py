@@ -64,3 +64,66 @@ def test_bad_low_rank_configs():
         get_step("svd").config(ratio=1.0)
     with pytest.raises(UserError, match="rank 0"):
         get_step("svd").apply(load_model("tiny-llama").model, get_step("svd").config(ratio=0.01))
+
+
+# ---- ASVD's sensitivity-based rank search ---------------------------------------------------------
+def test_choose_ratios_takes_the_smallest_threshold_within_budget():
+    from effspec.steps.lowrank.rank_search import choose_ratios
+
+    # layer "a" barely cares about truncation, "b" cares a lot; both cost 100 * ratio parameters
+    sens = {"a": {0.5: 2.01, 0.8: 2.00}, "b": {0.5: 3.0, 0.8: 2.2}}
+    params = {n: (lambda r: int(100 * r)) for n in sens}
+    assert choose_ratios(sens, params, budget=200) == {"a": 0.8, "b": 1.0}  # tau 2.00: b stays dense, 180 fits
+    assert choose_ratios(sens, params, budget=150) == {"a": 0.5, "b": 1.0}  # the insensitive layer pays first
+    assert choose_ratios(sens, params, budget=130) == {"a": 0.5, "b": 0.8}
+    assert choose_ratios(sens, params, budget=10) == {"a": 0.5, "b": 0.5}  # nothing fits: the smallest candidates
+
+
+def test_sensitivities_are_the_loss_with_one_layer_truncated():
+    from effspec.steps.lowrank.rank_search import sensitivities
+    from effspec.surgery import linear_layers
+
+    model = load_model("tiny-llama").model
+    layers = dict(list(linear_layers(model, ("*",), ("lm_head",)).items())[:2])
+    name, lin = next(iter(layers.items()))
+    stand_in = lambda n, layer, r: LowRankLinear.from_factors(  # noqa: E731
+        *factorize(layer.weight.detach(), rank_for(layer.in_features, layer.out_features, r)), layer.bias)
+    sens = sensitivities(model, layers, CALIB, (0.3, 0.7), stand_in)
+    assert all(model.get_submodule(n) is layer for n, layer in layers.items())  # every layer put back
+    # the reference: truncate the layer by hand, then the plain mean NLL of every row
+    parent, leaf = name.rsplit(".", 1)
+    setattr(model.get_submodule(parent), leaf, stand_in(name, lin, 0.3))
+    with torch.no_grad():
+        nll = [torch.nn.functional.cross_entropy(model(r[None]).logits[0, :-1], r[1:], reduction="sum") for r in CALIB]
+    setattr(model.get_submodule(parent), leaf, lin)
+    assert sens[name][0.3] == pytest.approx(sum(x.item() for x in nll) / (CALIB.numel() - len(CALIB)), rel=1e-5)
+    assert sens[name][0.3] > sens[name][0.7] - 1e-3  # keeping more rank costs no more (up to rounding)
+
+
+def test_asvd_rank_search_meets_the_budget_with_uneven_ranks(reloads_same):
+    lm = load_model("tiny-llama")
+    info = get_step("asvd")
+    total = sum(m.in_features * m.out_features for n, m in lm.model.named_modules()
+                if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    cfg = info.config(ratio=0.6, rank_search="sensitivity", search_ratios=(0.3, 0.5, 0.7, 0.9), search_rows=2,
+                      search_tokens=16)
+    model = info.apply(lm.model, cfg, CALIB)
+    factored = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    dense = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+             and n.rsplit(".", 1)[0] not in factored]  # left as they were (the factors' own A and B excluded)
+    kept = sum(m.rank * (m.in_features + m.out_features) for m in factored.values())
+    kept += sum(m.in_features * m.out_features for m in dense)
+    ranks = {round(m.rank / rank_for(m.in_features, m.out_features, 1.0), 1) for m in factored.values()}
+    assert 0.45 * total < kept <= 0.6 * total
+    assert len(ranks) > 1  # the layers did not all get the same ratio
+    reloads_same(model, lm.tokenizer, CALIB[:1])
+
+
+def test_bad_rank_search_configs():
+    cfg = get_step("asvd").config
+    with pytest.raises(ValueError, match="rank_search"):
+        cfg(rank_search="greedy")
+    with pytest.raises(ValueError, match="search_ratios"):
+        cfg(ratio=0.4, rank_search="sensitivity")  # no candidate at or below 0.4
+    with pytest.raises(ValueError, match="search_ratios"):
+        cfg(search_ratios=(0.5, 1.0))

@@ -14,6 +14,10 @@ activations -- where truncation error costs the most output error -- are
 preserved first. Statistics come from one pass of the calibration data through
 the unchanged model.
 
+`rank_search: sensitivity` (asvd) replaces the uniform ratio by per-layer
+ratios from ASVD's sensitivity-based truncation rank search (`rank_search.py`),
+within the same parameter budget; a layer may then stay dense.
+
 The factors are float `nn.Linear`s inside a `LowRankLinear`, so later steps
 (e.g. `rtn`) can quantize them and recovery tuning can train them.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -31,6 +36,7 @@ from effspec.errors import UserError
 from effspec.layers import PACKED_LAYERS
 from effspec.progress import track
 from effspec.registry import register
+from effspec.steps.lowrank.rank_search import choose_ratios, sensitivities
 from effspec.surgery import linear_layers, replace_module
 
 log = logging.getLogger(__name__)
@@ -81,9 +87,19 @@ class LowRankLinear(nn.Module):
 def factorize(W: torch.Tensor, rank: int, s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (rank, in), B (out, rank)) with B A the best rank-`rank` approximation of W, in the norm weighted
     by input channel scales `s` (in,) when given (ASVD), else the plain Frobenius norm."""
+    return truncate(decompose(W, s), rank, s)
+
+
+def decompose(W: torch.Tensor, s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, Vh of W diag(s) (or of W), in float64."""
     W = W.double()
-    Ws = W * s.double()[None, :] if s is not None else W
-    U, S, Vh = torch.linalg.svd(Ws, full_matrices=False)
+    return torch.linalg.svd(W * s.double()[None, :] if s is not None else W, full_matrices=False)
+
+
+def truncate(usv: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rank: int,
+             s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of rank `rank` from `decompose`'s output, diag(s)^-1 folded back into A."""
+    U, S, Vh = usv
     root = S[:rank].sqrt()
     A = root[:, None] * Vh[:rank]
     if s is not None:
@@ -94,6 +110,13 @@ def factorize(W: torch.Tensor, rank: int, s: torch.Tensor | None = None) -> tupl
 
 def rank_for(in_features: int, out_features: int, ratio: float) -> int:
     return int(ratio * in_features * out_features / (in_features + out_features))
+
+
+def params_at(lin: nn.Linear, ratio: float) -> int:
+    """Weights a layer keeps at `ratio` (1.0: left dense)."""
+    if ratio >= 1.0:
+        return lin.in_features * lin.out_features
+    return rank_for(lin.in_features, lin.out_features, ratio) * (lin.in_features + lin.out_features)
 
 
 @dataclass(frozen=True)
@@ -109,10 +132,21 @@ class SVDConfig:
 @dataclass(frozen=True)
 class ASVDConfig(SVDConfig):
     alpha: float = 0.5  # s_j = mean |x_j| ^ alpha
+    rank_search: str = "uniform"  # "sensitivity": per-layer ratios by ASVD's STRS (rank_search.py), same budget
+    search_ratios: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)  # candidate ratios of each layer
+    search_rows: int = 2  # calibration rows whose loss measures a truncation
+    search_tokens: int = 256  # tokens of each such row
 
     def __post_init__(self):
         super().__post_init__()
         expect(0.0 <= self.alpha <= 2.0, "alpha", self.alpha, "an exponent in [0, 2]")
+        expect(self.rank_search in ("uniform", "sensitivity"), "rank_search", self.rank_search, "uniform or sensitivity")
+        expect(len(self.search_ratios) > 0 and all(0 < r < 1 for r in self.search_ratios), "search_ratios",
+               self.search_ratios, "fractions in (0, 1)")
+        expect(min(self.search_ratios) <= self.ratio, "search_ratios", self.search_ratios,
+               f"at least one candidate at or below ratio={self.ratio}, or the budget cannot be met")
+        expect(self.search_rows >= 1, "search_rows", self.search_rows, "a positive number of rows")
+        expect(self.search_tokens >= 2, "search_tokens", self.search_tokens, "at least 2 tokens")
 
 
 @torch.inference_mode()
@@ -137,22 +171,33 @@ def mean_abs_inputs(model: nn.Module, layers: dict[str, nn.Linear], calib: torch
     return {n: (v / count[0]).float() for n, v in sums.items()}
 
 
-def _factorize_model(model: nn.Module, cfg: SVDConfig, scales: dict[str, torch.Tensor] | None, label: str) -> nn.Module:
-    layers = linear_layers(model, cfg.targets, cfg.ignore)
+def _check_ranks(layers: dict[str, nn.Linear], ratios: Sequence[float], label: str) -> None:
     for name, lin in layers.items():
-        if rank_for(lin.in_features, lin.out_features, cfg.ratio) < 1:
-            raise UserError(f"{label}: ratio={cfg.ratio} leaves rank 0 for {name} ({lin.out_features}x{lin.in_features})")
+        for ratio in ratios:
+            if rank_for(lin.in_features, lin.out_features, ratio) < 1:
+                raise UserError(f"{label}: ratio={ratio} leaves rank 0 for {name} ({lin.out_features}x{lin.in_features})")
+
+
+def _factorize_model(model: nn.Module, layers: dict[str, nn.Linear], ratios: dict[str, float],
+                     scales: dict[str, torch.Tensor] | None, label: str) -> nn.Module:
+    """Each layer replaced by its factors at its ratio; a layer at ratio 1.0 stays as it is."""
     for name, lin in track(layers.items(), label, total=len(layers)):
-        r = rank_for(lin.in_features, lin.out_features, cfg.ratio)
+        if ratios[name] >= 1.0:
+            continue
+        r = rank_for(lin.in_features, lin.out_features, ratios[name])
         A, B = factorize(lin.weight.detach(), r, None if scales is None else scales[name])
         replace_module(model, name, LowRankLinear.from_factors(A, B, lin.bias))
-    log.info("%s: %d layers factorized at %.0f%% of their parameters", label, len(layers), 100 * cfg.ratio)
+    kept = sum(params_at(lin, ratios[n]) for n, lin in layers.items()) / sum(params_at(lin, 1.0) for lin in layers.values())
+    log.info("%s: %d of %d layers factorized, %.1f%% of their parameters kept", label,
+             sum(r < 1.0 for r in ratios.values()), len(layers), 100 * kept)
     return model
 
 
 @register("svd", family="lowrank", stage="inference", config=SVDConfig)
 def apply_svd(model: nn.Module, cfg: SVDConfig, calib=None) -> nn.Module:
-    return _factorize_model(model, cfg, None, "svd")
+    layers = linear_layers(model, cfg.targets, cfg.ignore)
+    _check_ranks(layers, (cfg.ratio,), "svd")
+    return _factorize_model(model, layers, dict.fromkeys(layers, cfg.ratio), None, "svd")
 
 
 @register("asvd", family="lowrank", stage="inference", config=ASVDConfig, calibration=True)
@@ -160,9 +205,33 @@ def apply_asvd(model: nn.Module, cfg: ASVDConfig, calib=None) -> nn.Module:
     if calib is None:
         raise ValueError("asvd needs calibration data")
     layers = linear_layers(model, cfg.targets, cfg.ignore)
+    _check_ranks(layers, (cfg.ratio, *cfg.search_ratios) if cfg.rank_search == "sensitivity" else (cfg.ratio,), "asvd")
     stats = mean_abs_inputs(model, layers, calib)
     scales = {n: v.clamp(min=1e-6).pow(cfg.alpha) for n, v in stats.items()}
-    return _factorize_model(model, cfg, scales, "asvd")
+    ratios = dict.fromkeys(layers, cfg.ratio)
+    if cfg.rank_search == "sensitivity":
+        ratios = search_ratios(model, layers, calib, scales, cfg)
+    return _factorize_model(model, layers, ratios, scales, "asvd")
+
+
+def search_ratios(model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor,
+                  scales: dict[str, torch.Tensor], cfg: ASVDConfig) -> dict[str, float]:
+    """Per-layer ratios by STRS within cfg.ratio of the layers' parameters (see rank_search.py)."""
+    rows = calib[: cfg.search_rows, : cfg.search_tokens]
+    current: dict[str, tuple] = {}  # the one layer being measured: its decomposition, computed once
+
+    def stand_in(name: str, lin: nn.Linear, ratio: float) -> nn.Module:
+        if name not in current:
+            current.clear()
+            current[name] = decompose(lin.weight.detach(), scales[name])
+        A, B = truncate(current[name], rank_for(lin.in_features, lin.out_features, ratio), scales[name])
+        return LowRankLinear.from_factors(A, B, lin.bias)
+
+    sens = sensitivities(model, layers, rows, sorted(cfg.search_ratios), stand_in)
+    budget = int(cfg.ratio * sum(params_at(lin, 1.0) for lin in layers.values()))
+    ratios = choose_ratios(sens, {n: (lambda r, lin=lin: params_at(lin, r)) for n, lin in layers.items()}, budget)
+    log.info("asvd: rank search chose ratios %s", {r: sum(v == r for v in ratios.values()) for r in sorted(set(ratios.values()))})
+    return ratios
 
 
 PACKED_LAYERS[LowRankLinear.kind] = LowRankLinear  # type: ignore[assignment]
