@@ -5,7 +5,10 @@ every setting of `SETTINGS_TABLE` (issue 4): float32; magnitude, Wanda and
 SparseGPT at 50% unstructured, 2:4 and 4:8; SparseGPT 50% jointly with 4-bit
 group-64 weights; drop-layers removing 4 and 8 of the 30 blocks; prune-width
 removing 20% and 35% of the parameters; SVD and ASVD keeping 80% and 60% of
-the linear parameters. Each setting runs once per side it has:
+the linear parameters; and per-layer allocation against uniform at the same
+budget: Wanda and SparseGPT at 70% uniform and with OWL's block sparsities,
+ASVD 80% with its sensitivity-based rank search. Each setting runs once per
+side it has:
 
 - effspec: the setting's steps (a recipe: registry names and fields) applied
   to the model `effspec.models.load_model` loads. A step not registered (yet),
@@ -111,9 +114,9 @@ NO_PEER = None  # llm-compressor has no such method: no peer row, "-" in its col
 LLMC_TARGETS = {"targets": ["Linear"], "ignore": ["re:.*lm_head"]}  # not ["lm_head"]: see the module docstring
 
 
-def llmc_prune(modifier: str, mask: str) -> tuple:
-    """One llm-compressor sparsity modifier at 50%; `mask` "0:0" is unstructured, "N:M" overrides the fraction."""
-    return (modifier, {"sparsity": 0.5, "mask_structure": mask, **LLMC_TARGETS})
+def llmc_prune(modifier: str, mask: str, sparsity: float = 0.5) -> tuple:
+    """One llm-compressor sparsity modifier; `mask` "0:0" is unstructured, "N:M" overrides the fraction."""
+    return (modifier, {"sparsity": sparsity, "mask_structure": mask, **LLMC_TARGETS})
 
 
 # name, effspec recipe steps (YAML flow list; registry names and config fields), llm-compressor modifiers in order.
@@ -140,6 +143,13 @@ SETTINGS_TABLE: tuple[tuple[str, str, tuple | None], ...] = (
     ("svd-60", "[{svd: {ratio: 0.6}}]", NO_PEER),
     ("asvd-80", "[{asvd: {ratio: 0.8}}]", NO_PEER),
     ("asvd-60", "[{asvd: {ratio: 0.6}}]", NO_PEER),
+    # per-layer allocation against uniform at the same budget: OWL sparsity (llm-compressor's own OWL profile is
+    # not wired here yet: effspec only), ASVD's sensitivity-based rank search
+    ("wanda-70", "[{wanda: {sparsity: 0.7}}]", (llmc_prune("WandaPruningModifier", "0:0", 0.7),)),
+    ("wanda-70-owl", "[{wanda: {sparsity: 0.7, allocation: owl}}]", NO_PEER),
+    ("sparsegpt-70", "[{sparsegpt: {sparsity: 0.7}}]", (llmc_prune("SparseGPTModifier", "0:0", 0.7),)),
+    ("sparsegpt-70-owl", "[{sparsegpt: {sparsity: 0.7, allocation: owl}}]", NO_PEER),
+    ("asvd-80-search", "[{asvd: {ratio: 0.8, rank_search: sensitivity}}]", NO_PEER),
 )
 # quantize.Setting types modifiers as a tuple: NO_PEER (None) is a marker it never needed
 SETTINGS = {name: Setting(name, steps, peer) for name, steps, peer in SETTINGS_TABLE}  # type: ignore[arg-type]
@@ -450,6 +460,8 @@ def verdicts(comps: list[dict]) -> list[str]:
         if a and b and abs(a / b - 1) > 0.005:
             line += f" (not at equal parameter count: {a / 1e6:.2f}M vs {b / 1e6:.2f}M)"
         out.append(line)
+    out += [below(by, f"{m}-70-owl", f"{m}-70", 1.0) for m in ("wanda", "sparsegpt")]
+    out.append(below(by, "asvd-80-search", "asvd-80", 1.0))
     fl, w = by.get("float"), by.get("prune-width-20")
     label = f"prune-width-20 decode >= {TARGET_WIDTH_SPEEDUP:.2f}x float32's"
     if fl and w:
