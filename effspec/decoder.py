@@ -114,10 +114,17 @@ class LeanDecoder:
         """A float linear on up to STEP_ROWS rows through the compiled `linear_rows`; everything else, packed
         layers included, through the module. On this AMD CPU BLAS is slow at few rows: with weights not in
         cache, one row of 576->1536 took 350 us in `F.linear` and 131 us in `linear_rows`, the 49152-row
-        head 10.5 ms against 3.4 ms (1 thread); its few-row GEMM is 2-3x slower still than its GEMV."""
-        if x.shape[0] <= STEP_ROWS and type(module) is nn.Linear and self.ops is not None:
-            bias = effspec_kernels.EMPTY if module.bias is None else module.bias
-            return self.ops.linear_rows(x.contiguous(), module.weight, bias)
+        head 10.5 ms against 3.4 ms (1 thread); its few-row GEMM is 2-3x slower still than its GEMV.
+        Layers that compute as float take the same path: a pruned layer's dense expansion, and a low-rank
+        layer's two thin factors one after the other."""
+        if x.shape[0] <= STEP_ROWS and self.ops is not None:
+            kind = getattr(module, "kind", None)
+            if kind == "lowrank":
+                return self._lin(module.B, self._lin(module.A, x))
+            weight = module.weight if type(module) is nn.Linear else module.expanded() if kind == "sparse" else None
+            if weight is not None and weight.dtype == x.dtype:
+                bias = effspec_kernels.EMPTY if module.bias is None else module.bias.to(x.dtype)
+                return self.ops.linear_rows(x.contiguous(), weight, bias)
         return module(x)
 
     def _step(self, i: int, block: nn.Module, x: torch.Tensor, start: int) -> torch.Tensor:

@@ -14,9 +14,10 @@ weights take 17 of 32 bits (-47%). An N:M index would cost the same 1 bit a
 weight at 2:4, so one format serves both. No sparse CPU kernel beats a dense
 matrix-vector product at these sparsities (measured here, 1536x576 at 50%,
 one token: torch CSR 937 us, dense 93 us), so the layer expands itself to a
-dense float weight on its first forward and keeps that copy (not saved):
-decode and prefill speed are unchanged and run-time memory is the dense
-model's, the stored model is smaller.
+dense float weight on its first forward and keeps that copy (not saved;
+the lean decoder runs it on its float fast path too): decode and prefill
+speed are the dense model's, as is run-time memory; the stored model is
+smaller.
 """
 
 from __future__ import annotations
@@ -175,11 +176,15 @@ class SparseLinear(nn.Module):
         self._dense = None
         super()._load_from_state_dict(*args, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def expanded(self) -> torch.Tensor:
+        """The dense weight every forward multiplies by: built on first use and kept (never saved)."""
         if self._dense is None:
             self._dense = self.dense_weight()
+        return self._dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self._dense.to(x.dtype), bias)
+        return F.linear(x, self.expanded().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, sparsity={self.sparsity():.3f}"

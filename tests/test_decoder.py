@@ -66,6 +66,35 @@ def test_lean_decoder_runs_wrapped_modules_of_rotated_models():
     assert torch.allclose(lean_logits(model, PROMPT, prefill=5), hf_logits(model, PROMPT), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("step,fields", [("magnitude", {"sparsity": 0.5}), ("svd", {"ratio": 0.6})])
+def test_pruned_and_low_rank_layers_take_the_fast_path_with_transformers_logits(step, fields):
+    if kernels.decode_ops() is None:
+        pytest.skip("no C++ compiler: no fast path")
+    info = get_step(step)
+    model = info.apply(load_model("tiny-llama").model, info.config(**fields))
+    expected = hf_logits(model, PROMPT)
+    calls = []
+
+    class CountingOps:  # the compiled helpers, counting calls of linear_rows
+        def __init__(self, ops):
+            self.ops = ops
+
+        def __getattr__(self, name):
+            return getattr(self.ops, name)
+
+        def linear_rows(self, *args):
+            calls.append(1)
+            return self.ops.linear_rows(*args)
+
+    with torch.inference_mode():
+        lean = LeanDecoder(model, PROMPT.numel())
+        lean.ops = CountingOps(lean.ops)
+        rows = [lean.forward(PROMPT[:9], last_only=False)] + [lean.forward(PROMPT[t:t + 1]) for t in range(9, PROMPT.numel())]
+    assert torch.allclose(torch.cat(rows), expected, atol=1e-4, rtol=1e-4)
+    per_step = 7 * 2 * (2 if step == "svd" else 1) + 1  # q k v o gate up down in 2 blocks (factors: twice), head
+    assert len(calls) >= per_step * (PROMPT.numel() - 9)  # every decode step ran its linears on linear_rows
+
+
 def test_multi_token_step_after_prefill_is_causal():
     """A k-token step over a filled cache (a speculative verify) sees the prefix and its own earlier tokens."""
     model = load_model("tiny-llama").model
