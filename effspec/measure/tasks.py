@@ -354,8 +354,10 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return context_ids, encode(tokenizer, context + continuation)[len(context_ids):]
 
 
-def _max_length(model: nn.Module) -> int:
+def max_length(model: nn.Module) -> int:
+    """lm-eval's context length: n_positions / max_position_embeddings / n_ctx of the (text) config, else 2048."""
     cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):  # lm-eval's order
         if isinstance(getattr(cfg, attr, None), int):
             return getattr(cfg, attr)
@@ -452,7 +454,7 @@ def score_trees(model: nn.Module, trees: Sequence[_Tree]) -> list[list[tuple[flo
 
 def _example_tree(model: nn.Module, tokenizer, example: Example) -> _Tree:
     pairs = [encode_pair(tokenizer, c, t) for c, t in zip(example.contexts, example.continuations)]
-    return _tree(pairs, _max_length(model))
+    return _tree(pairs, max_length(model))
 
 
 def score_choices(model: nn.Module, tokenizer, example: Example) -> list[tuple[float, bool]]:

@@ -124,26 +124,16 @@ def rolling_windows(tokens: Sequence[int], prefix: int, max_length: int) -> list
     return out
 
 
-def max_length(model: nn.Module) -> int:
-    """lm-eval's context length: the config's n_positions / max_position_embeddings / n_ctx, else 2048."""
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "text_config", None) or cfg
-    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-        if isinstance(getattr(cfg, attr, None), int):
-            return getattr(cfg, attr)
-    return 2048
-
-
 def prefix_token(tokenizer) -> int:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
 @torch.inference_mode()
 def window_loglikelihood(model: nn.Module, ids: Sequence[int], n: int) -> float:
-    """Sum of log p(ids[j+1] | ids[:j+1]) over the last n positions, where position len(ids)-1 predicts `next`.
+    """Summed log-probability of the last n tokens of `ids`, each given the tokens before it.
 
-    The targets are the input shifted by one, plus the token after the window; callers pass
-    the window extended by that token (see `document_loglikelihood`).
+    `ids` is a window's input followed by the token its last position predicts; the model
+    sees ids[:-1], and its last n positions score ids[-n:].
     """
     from effspec.objectives import head_apart
 
@@ -192,7 +182,7 @@ def load_pages(tasks_dir: Path | None) -> list[str]:
 def evaluate_wikitext(model: nn.Module, tokenizer, tasks_dir: Path | None = None, limit: int | None = None,
                       seed: int = 0) -> WikitextResult:
     """lm-eval's wikitext figures of `model`; `limit` scores a seeded subset of the documents."""
-    from effspec.measure.tasks import encode, subset
+    from effspec.measure.tasks import encode, max_length, subset
 
     start = time.perf_counter()
     pages = load_pages(tasks_dir)
