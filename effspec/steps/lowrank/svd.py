@@ -210,11 +210,11 @@ def apply_asvd(model: nn.Module, cfg: ASVDConfig, calib=None) -> nn.Module:
     scales = {n: v.clamp(min=1e-6).pow(cfg.alpha) for n, v in stats.items()}
     ratios = dict.fromkeys(layers, cfg.ratio)
     if cfg.rank_search == "sensitivity":
-        ratios = search_ratios(model, layers, calib, scales, cfg)
+        ratios = strs_ratios(model, layers, calib, scales, cfg)
     return _factorize_model(model, layers, ratios, scales, "asvd")
 
 
-def search_ratios(model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor,
+def strs_ratios(model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor,
                   scales: dict[str, torch.Tensor], cfg: ASVDConfig) -> dict[str, float]:
     """Per-layer ratios by STRS within cfg.ratio of the layers' parameters (see rank_search.py)."""
     rows = calib[: cfg.search_rows, : cfg.search_tokens]
