@@ -342,14 +342,18 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+def prefix_token(tokenizer) -> int:
+    """What lm-eval conditions an empty context (and a document's first token) on: BOS, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's (context_ids, continuation_ids) for one request."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     if not context:  # lm-eval conditions an empty context on the BOS token (EOS when there is none)
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return [prefix], encode(tokenizer, continuation)
+        return [prefix_token(tokenizer)], encode(tokenizer, continuation)
     context_ids = encode(tokenizer, context)
     return context_ids, encode(tokenizer, context + continuation)[len(context_ids):]
 

@@ -124,10 +124,6 @@ def rolling_windows(tokens: Sequence[int], prefix: int, max_length: int) -> list
     return out
 
 
-def prefix_token(tokenizer) -> int:
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-
-
 @torch.inference_mode()
 def window_loglikelihood(model: nn.Module, ids: Sequence[int], n: int) -> float:
     """Summed log-probability of the last n tokens of `ids`, each given the tokens before it.
@@ -182,7 +178,7 @@ def load_pages(tasks_dir: Path | None) -> list[str]:
 def evaluate_wikitext(model: nn.Module, tokenizer, tasks_dir: Path | None = None, limit: int | None = None,
                       seed: int = 0) -> WikitextResult:
     """lm-eval's wikitext figures of `model`; `limit` scores a seeded subset of the documents."""
-    from effspec.measure.tasks import encode, max_length, subset
+    from effspec.measure.tasks import encode, max_length, prefix_token, subset
 
     start = time.perf_counter()
     pages = load_pages(tasks_dir)

@@ -26,22 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effspec.calibrate import block0_inputs, block_forward
+from effspec.calibrate import block0_inputs
 from effspec.progress import track
 from effspec.surgery import decoder_blocks, replace_module
 
 Factorizer = Callable[[str, nn.Linear, float], nn.Module]  # (name, layer, ratio) -> its truncated stand-in
-
-
-@torch.inference_mode()
-def calibration_nll(model: nn.Module, rows: torch.Tensor) -> float:
-    """Mean next-token NLL of `rows` (n, L)."""
-    total, count = 0.0, 0
-    for ids in rows:
-        logits = model(ids[None], use_cache=False).logits[0, :-1].float()
-        total += F.cross_entropy(logits, ids[1:], reduction="sum").item()
-        count += ids.numel() - 1
-    return total / count
 
 
 class _PassThrough(nn.Module):
@@ -67,12 +56,13 @@ class SuffixLoss:
         self.blocks = decoder_blocks(model)
         xs, kwargs = block0_inputs(model, rows)
         self.inputs: list[list[torch.Tensor]] = []
+        self.as_tuple = False
         with torch.inference_mode():
-            out = self.blocks[0](xs[0], **kwargs)
-            self.as_tuple = isinstance(out, tuple)
             for block in self.blocks:
                 self.inputs.append(xs)
-                xs = [block_forward(block, x, kwargs) for x in xs]
+                outs = [block(x, **kwargs) for x in xs]
+                self.as_tuple = isinstance(outs[0], tuple)
+                xs = [o[0] if isinstance(o, tuple) else o for o in outs]
 
     def __call__(self, b: int) -> float:
         row = [0]
