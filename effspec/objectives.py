@@ -33,6 +33,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from effspec.config import expect
+from effspec.head_loss import HeadLossSpec, head_loss
 from effspec.train_data import IGNORE
 
 Batch = dict[str, torch.Tensor]
@@ -68,6 +69,11 @@ class Objective:
 def _targets(labels: torch.Tensor) -> torch.Tensor:
     """Mask (B, L-1) of logit positions whose next token is a target."""
     return labels[:, 1:] != IGNORE
+
+
+def _plain(head: nn.Module | None) -> bool:
+    """A bare linear head without bias, which the fused head + loss computes itself."""
+    return type(head) is nn.Linear and head.bias is None
 
 
 def _logits(out, batch: Batch) -> torch.Tensor:
@@ -129,10 +135,11 @@ CHUNK = 128  # positions per head call in the loss: the logits held at once
 def head_apart(model: nn.Module) -> Iterator[nn.Module | None]:
     """While inside, `model(...)` returns its last hidden states as "logits"; yields the head to apply.
 
-    The loss then applies the head chunk by chunk under activation checkpointing, so training
-    never holds the (tokens x vocabulary) logits, their log-softmax and their gradient at once:
-    at 512 tokens and smollm2's 49,152-token vocabulary that is ~100 MB each. Yields None (and
-    changes nothing) for models whose logits are not just the head of the last hidden state.
+    The loss then applies the head itself (`effspec.head_loss`: chunk by chunk, the gradient taken
+    in the forward pass), so training never holds the (tokens x vocabulary) logits, their
+    log-softmax and their gradient at once: at 512 tokens and smollm2's 49,152-token vocabulary
+    that is ~100 MB each. Yields None (and changes nothing) for models whose logits are not just
+    the head of the last hidden state.
     """
     config = getattr(model, "config", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -173,9 +180,23 @@ class Loss:
             ref_h = _logits(ref, batch)[:, :-1]
         mask, labels = _targets(batch["labels"]), batch["labels"][:, 1:]
         kd = cfg.kd_weight if cfg.needs_teacher else 0.0
+        if _plain(head) and (not kd or _plain(teacher_head)):  # the fused head + loss: no logits kept
+            spec = HeadLossSpec(kd=kd, kind=cfg.kl, temperature=cfg.temperature)
+            total = head_loss(h[mask], head.weight, labels[mask], spec, None if not kd else ref_h[mask],
+                              None if not kd else teacher_head.weight)
+        else:
+            total = self._chunked(h, ref_h, mask, labels, head, teacher_head, kd)
+        loss = total / mask.sum().clamp_min(1)
+        if hidden:
+            loss = loss + cfg.hidden_weight * hidden_loss(out.hidden_states, ref.hidden_states, mask)
+        return loss
+
+    def _chunked(self, h, ref_h, mask, labels, head, teacher_head, kd) -> torch.Tensor:
+        """The summed loss for heads other than a bare linear layer: chunks of positions, recomputed in backward."""
+        cfg = self.cfg
 
         def chunk_loss(hs: torch.Tensor, ht: torch.Tensor | None, m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            """Summed loss of one chunk of positions (divided by the target count below)."""
+            """Summed loss of one chunk of positions (divided by the target count by the caller)."""
             logits = (head(hs) if head is not None else hs)[m].float()
             total = logits.sum() * 0.0
             if kd:
@@ -195,7 +216,4 @@ class Loss:
                 total = total + torch.utils.checkpoint.checkpoint(chunk_loss, *part, use_reentrant=False)
             else:
                 total = total + chunk_loss(*part)
-        loss = total / mask.sum().clamp_min(1)
-        if hidden:
-            loss = loss + cfg.hidden_weight * hidden_loss(out.hidden_states, ref.hidden_states, mask)
-        return loss
+        return total

@@ -418,12 +418,21 @@ def test_tune_command_saves_adapters_and_models(cli, tmp_path):
     assert code == 2 and "cannot merge" in err
 
 
-@pytest.mark.parametrize("objective", [Objective(), Objective(objective="distill", kd_weight=0.5, temperature=2.0)])
-def test_chunked_head_loss_equals_the_full_logits_loss(objective, monkeypatch):
-    """The loss applies the head in chunks under checkpointing; value and gradients are the plain formula's."""
+OBJECTIVES = [Objective(), Objective(objective="distill", kd_weight=0.5, temperature=2.0),
+              Objective(objective="distill", kl="reverse", kd_weight=0.7, temperature=1.5)]
+
+
+@pytest.mark.parametrize("path", ["fused", "chunked"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_head_loss_equals_the_full_logits_loss(objective, path, monkeypatch):
+    """Fused head + loss (bare linear heads) and checkpointed chunks (others): value and gradients of the plain formula."""
+    import effspec.head_loss as head_loss
     import effspec.objectives as objectives
 
-    monkeypatch.setattr(objectives, "CHUNK", 7)  # several chunks, the last one short
+    monkeypatch.setattr(head_loss, "ROWS", 7)  # several chunks, the last one short
+    monkeypatch.setattr(objectives, "CHUNK", 7)
+    if path == "chunked":
+        monkeypatch.setattr(objectives, "_plain", lambda head: False)
     x = ids(2, 40, seed=5)
     labels = x.clone()
     labels[0, :10] = IGNORE  # a masked prompt
@@ -433,29 +442,48 @@ def test_chunked_head_loss_equals_the_full_logits_loss(objective, monkeypatch):
         for p in teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))
     grads = []
-    for chunked in (True, False):
+    for reference in (False, True):
         model = tiny().model.train()
-        if chunked:
+        if not reference:
             loss = Loss(objective, teacher if objective.needs_teacher else None)(model, batch)
-        else:  # the reference: whole logits, the formulas written out
+        else:  # the whole logits, the formulas written out
             logits = model(x).logits[:, :-1]
             m = labels[:, 1:] != IGNORE
-            ce = F.cross_entropy(logits[m], labels[:, 1:][m])
+            loss = F.cross_entropy(logits[m], labels[:, 1:][m])
             if objective.needs_teacher:
-                T = objective.temperature
+                T, w = objective.temperature, objective.kd_weight
                 with torch.no_grad():
-                    t = teacher(x).logits[:, :-1][m]
-                p_t = torch.softmax(t / T, -1)
-                kl = (p_t * (p_t.log() - torch.log_softmax(logits[m] / T, -1))).sum(-1).mean() * T * T
-                loss = 0.5 * kl + 0.5 * ce
-            else:
-                loss = ce
+                    log_t = torch.log_softmax(teacher(x).logits[:, :-1][m] / T, -1)
+                log_s = torch.log_softmax(logits[m] / T, -1)
+                p, q = (log_t, log_s) if objective.kl == "forward" else (log_s, log_t)
+                kl = (p.exp() * (p - q)).sum(-1).mean() * T * T
+                loss = w * kl + (1 - w) * loss
         loss.backward()
-        grads.append((float(loss), model.model.layers[1].mlp.down_proj.weight.grad.clone(), model.lm_head.weight.grad.clone()))
+        grads.append((float(loss.detach()), model.model.layers[1].mlp.down_proj.weight.grad.clone(), model.lm_head.weight.grad.clone()))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
     torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(grads[0][2], grads[1][2], atol=1e-6, rtol=1e-4)
     assert type(tiny().model.lm_head) is nn.Linear  # the head is put back
+
+
+def test_fused_head_loss_under_bf16_autocast_matches_the_autocast_linear():
+    """Under CPU autocast the fused loss runs the head in bf16 as nn.Linear would: same value and gradients."""
+    from effspec.head_loss import head_loss
+
+    g = torch.Generator().manual_seed(0)
+    h0, w0 = torch.randn(300, 32, generator=g), torch.randn(500, 32, generator=g) * 0.3
+    y = torch.randint(0, 500, (300,), generator=g)
+    out = []
+    for fused in (True, False):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = head_loss(h, w, y) if fused else F.cross_entropy(F.linear(h, w).float(), y, reduction="sum")
+        loss.backward()
+        out.append((float(loss), h.grad, w.grad))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-4)
+    torch.testing.assert_close(out[0][1], out[1][1], atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(out[0][2], out[1][2], atol=2e-2, rtol=2e-2)
+    assert out[0][1].dtype == torch.float32 and out[0][2].dtype == torch.float32
 
 
 def test_fast_dropout_keeps_dropouts_rule():
