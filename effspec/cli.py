@@ -424,6 +424,8 @@ def cmd_export(args) -> None:
     record = {"model": args.model, **report.record(), "export_seconds": time.perf_counter() - t0}
     table = [(k, record[k]) for k in ("format", "out", "bytes", "exact_layers", "converted_tensors", "dense_layers")]
     table.append(("tensor_types", ", ".join(f"{k} {v}" for k, v in report.tensor_types.items())))
+    if report.adapter:
+        table.append(("lora adapter", f"{report.adapter} ({report.adapter_layers} layers)"))
     table += [(f"converted {k}", v) for k, v in report.converted.items()]
     _emit(args, table, record)
 

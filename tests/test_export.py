@@ -258,6 +258,94 @@ def test_packed_kinds_without_a_form_are_converted_and_rotations_refused(tmp_pat
         export(rotated, "gguf", tmp_path / "r.gguf")
 
 
+# ---- LoRA adapters kept beside a packed base (QLoRA) -------------------------------------------------
+LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")
+
+
+def with_lora(spec: str = "tiny-llama", r: int = 4, scaling: float = 1.5):
+    """A w4 g32 packed model whose attention and down projections carry random LoRA adapters (QLoRA's result)."""
+    from effspec.steps.tune.lora import LoRALinear
+    from effspec.surgery import replace_module
+
+    loaded = quantized(spec, bits=4, group_size=32, symmetric=True)
+    g = torch.Generator().manual_seed(1)
+    for name, m in list(loaded.model.named_modules()):
+        if name.endswith(LORA_TARGETS):
+            layer = LoRALinear(m, r, scaling)
+            with torch.no_grad():
+                layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.2)
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.2)
+            replace_module(loaded.model, name, layer)
+    return loaded
+
+
+@needs_ct
+def test_qlora_exports_as_a_compressed_tensors_base_and_a_peft_adapter(tmp_path):
+    import peft
+
+    loaded = with_lora()
+    ours = logits(loaded.model)
+    report = export(loaded, "compressed-tensors", tmp_path / "ct")
+    assert report.adapter_layers == 8 and report.adapter == str(tmp_path / "ct" / "lora")
+    assert len(report.exact) == 14  # the packed bases, LoRA-wrapped or not, are exact
+    assert torch.equal(logits(loaded.model), ours)  # the model keeps its adapters
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32)
+    without = logits(base)
+    back = peft.PeftModel.from_pretrained(base, str(tmp_path / "ct" / "lora"))
+    theirs = logits(back)
+    assert (ours - without).abs().max() > 0.1  # the adapter matters ...
+    assert max_diff(ours, theirs, "compressed-tensors + peft adapter") <= 1e-5 * ours.abs().max().item()  # ... and is it
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-qwen2"])
+def test_qlora_exports_as_a_gguf_base_and_a_llama_cpp_lora_gguf(tmp_path, spec):
+    loaded = with_lora(spec, r=4, scaling=1.5)
+    report = export(loaded, "gguf", tmp_path / "m.gguf", "f32")
+    adapter = tmp_path / "m.lora.gguf"
+    assert report.adapter == str(adapter) and report.adapter_layers == 8 and len(report.exact) == 14
+    reader = gguf.GGUFReader(str(adapter))
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("general.type") == "adapter" and field("adapter.type") == "lora"
+    assert field("general.architecture") == {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}[spec]
+    alpha = field("adapter.lora.alpha")
+    tensors = gguf_tensors(adapter)
+    assert len(tensors) == 16
+    heads = loaded.model.config.num_attention_heads, loaded.model.config.num_key_value_heads
+    for i, block in enumerate(loaded.model.model.layers):
+        for gname, layer, n_head in (("attn_q", block.self_attn.q_proj, heads[0]), ("attn_k", block.self_attn.k_proj, heads[1]),
+                                     ("attn_v", block.self_attn.v_proj, None), ("ffn_down", block.mlp.down_proj, None)):
+            a, b = tensors[f"blk.{i}.{gname}.weight.lora_a"].data, tensors[f"blk.{i}.{gname}.weight.lora_b"].data
+            want_b = layer.lora_B.detach()
+            if n_head and spec == "tiny-llama":  # rows in llama.cpp's q/k order, as the base's
+                want_b = llama_permute(want_b, n_head)
+            assert np.array_equal(a, layer.lora_A.detach().numpy()) and np.array_equal(b, want_b.numpy())
+            assert alpha / a.shape[0] == pytest.approx(layer.scaling)  # llama.cpp's scale: alpha / rank(lora_a)
+    # the base file is the packed model without adapters: transformers' GGUF loader gives the base's logits
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    from effspec.export.adapter import base_only, lora_layers
+
+    with base_only(loaded.model, lora_layers(loaded.model)):
+        base = logits(loaded.model)
+    assert max_diff(base, logits(back), f"gguf base of {spec}") <= 1e-5 * base.abs().max().item()
+
+
+def test_adapters_of_different_ranks_are_refused_before_writing(tmp_path, capsys):
+    from effspec.steps.tune.lora import LoRALinear
+    from effspec.surgery import replace_module
+
+    loaded = with_lora()
+    m = loaded.model.model.layers[0].mlp.up_proj
+    replace_module(loaded.model, "model.layers.0.mlp.up_proj", LoRALinear(m, 8, 1.5))
+    with pytest.raises(UserError, match="differ in rank or scaling"):
+        export(loaded, "gguf", tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "m.lora.gguf").write_text("the user's")
+    loaded = with_lora()
+    with pytest.raises(UserError, match="not written by effspec"):
+        export(loaded, "gguf", tmp_path / "m.gguf", force=True)
+    assert (tmp_path / "m.lora.gguf").read_text() == "the user's" and not (tmp_path / "m.gguf").exists()
+
+
 # ---- the command -----------------------------------------------------------------------------------
 def run(capsys, *argv) -> tuple[int, str, str]:
     capsys.readouterr()

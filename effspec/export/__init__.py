@@ -38,11 +38,14 @@ class ExportReport:
     converted: dict[str, str] = field(default_factory=dict)  # tensor -> what it was (re)quantized to
     dense: list[str] = field(default_factory=list)  # float linear layers written unquantized
     tensor_types: dict[str, int] = field(default_factory=dict)  # storage type -> number of tensors
+    adapter: str | None = None  # the LoRA adapter written beside the base, if the model keeps one
+    adapter_layers: int = 0
 
     def record(self) -> dict:
         return {"format": self.format, "out": self.out, "bytes": self.bytes, "exact_layers": len(self.exact),
                 "converted_tensors": len(self.converted), "converted": self.converted,
-                "dense_layers": len(self.dense), "tensor_types": self.tensor_types}
+                "dense_layers": len(self.dense), "tensor_types": self.tensor_types,
+                "adapter": self.adapter, "adapter_layers": self.adapter_layers}
 
 
 def split_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
@@ -84,7 +87,8 @@ def float_state(model: nn.Module, skip_modules) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_request(fmt: str, out: Path, gguf_type: str | None = None, force: bool = False) -> None:
+def check_request(fmt: str, out: Path, gguf_type: str | None = None, force: bool = False,
+                  adapter: bool = False) -> None:
     """Refuse a bad format/type or an output path that is not effspec's to replace (before any work is done)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
@@ -96,12 +100,23 @@ def check_request(fmt: str, out: Path, gguf_type: str | None = None, force: bool
 
         check_output_dir(out, force, kind=EXPORT_KIND)
         return
-    from effspec.export.gguf import FLOAT_TYPES, MARKER_KEY, read_metadata
+    from effspec.export.gguf import FLOAT_TYPES
 
     if gguf_type is not None and gguf_type not in FLOAT_TYPES:
         raise UserError(f"--type {gguf_type}: expected one of {', '.join(FLOAT_TYPES)}")
     if out.suffix != ".gguf":
         raise UserError(f"--out {out}: a GGUF output is one file whose name ends in .gguf")
+    check_gguf_file(out, force)
+    if adapter:
+        from effspec.export.adapter import gguf_adapter_path
+
+        check_gguf_file(gguf_adapter_path(out), force)
+
+
+def check_gguf_file(out: Path, force: bool) -> None:
+    """Refuse to replace a file unless it is effspec's own GGUF and `force` is given."""
+    from effspec.export.gguf import MARKER_KEY, read_metadata
+
     if not out.exists():
         return
     if not out.is_file():
@@ -117,12 +132,33 @@ def check_request(fmt: str, out: Path, gguf_type: str | None = None, force: bool
 
 
 def export(loaded, fmt: str, out: Path, gguf_type: str | None = None, force: bool = False) -> ExportReport:
-    """Write `loaded` (an effspec LoadedModel) to `out` in format `fmt`, replacing only effspec's own output."""
-    check_request(fmt, out, gguf_type, force)
-    if fmt == "compressed-tensors":
-        from effspec.export.compressed_tensors import write_compressed_tensors
+    """Write `loaded` (an effspec LoadedModel) to `out` in format `fmt`, replacing only effspec's own output.
 
-        return write_compressed_tensors(loaded, Path(out))
-    from effspec.export.gguf import DEFAULT_FLOAT_TYPE, write_gguf
+    LoRA adapters kept beside a packed base (QLoRA) are written as the adapter files the
+    serving tools load over the base (`effspec.export.adapter`), the base without them.
+    """
+    from effspec.export.adapter import base_only, gguf_adapter_path, lora_layers, rank_and_alpha
 
-    return write_gguf(loaded, Path(out), gguf_type or DEFAULT_FLOAT_TYPE)
+    layers = lora_layers(loaded.model)
+    check_request(fmt, out, gguf_type, force, adapter=bool(layers))
+    if layers:
+        rank_and_alpha(layers)  # one rank and scaling, or a clear error before any work
+    out = Path(out)
+    with base_only(loaded.model, layers):
+        if fmt == "compressed-tensors":
+            from effspec.export.compressed_tensors import write_compressed_tensors
+
+            report = write_compressed_tensors(loaded, out, adapter=layers)
+        else:
+            from effspec.export.gguf import DEFAULT_FLOAT_TYPE, write_gguf, write_gguf_adapter
+
+            report = write_gguf(loaded, out, gguf_type or DEFAULT_FLOAT_TYPE)
+            if layers:
+                try:
+                    report.bytes += write_gguf_adapter(loaded.model, layers, gguf_adapter_path(out))
+                except BaseException:
+                    out.unlink(missing_ok=True)  # the base alone is not the model
+                    raise
+                report.adapter = str(gguf_adapter_path(out))
+    report.adapter_layers = len(layers)
+    return report

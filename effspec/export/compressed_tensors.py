@@ -173,8 +173,9 @@ def quantization_config(packed: dict, dense: list[str]) -> tuple[object, dict[st
     return config, per_layer, fmt
 
 
-def write_compressed_tensors(loaded, out: Path) -> ExportReport:
-    """Write `loaded.model` into the directory `out` (built under a temporary name, renamed when complete)."""
+def write_compressed_tensors(loaded, out: Path, adapter: dict | None = None) -> ExportReport:
+    """Write `loaded.model` into the directory `out` (built under a temporary name, renamed when complete);
+    `adapter`: LoRA layers by name, written as a peft adapter in `out/lora` (`effspec.export.adapter`)."""
     from safetensors.torch import save_file
 
     model = loaded.model
@@ -211,6 +212,11 @@ def write_compressed_tensors(loaded, out: Path) -> ExportReport:
             from compressed_tensors.compressors import ModelCompressor
 
             ModelCompressor(quantization_config=config).update_config(str(tmp))  # the package writes config.json's block
+        if adapter:
+            from effspec.export.adapter import PEFT_DIR, write_peft_adapter
+
+            write_peft_adapter(adapter, tmp / PEFT_DIR)
+            report.adapter = str(Path(out) / PEFT_DIR)
         (tmp / MARKER).write_text(json.dumps({"kind": EXPORT_KIND, "format": "compressed-tensors",
                                               "source_model": loaded.spec, "exact_layers": report.exact}, indent=2))
     report.bytes = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())

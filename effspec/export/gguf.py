@@ -57,6 +57,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from torch import nn
 from gguf import GGMLQuantizationType as T
 
 from effspec.errors import UserError
@@ -296,33 +297,77 @@ def _float_tensor(data: torch.Tensor, qtype: T) -> tuple[np.ndarray, T]:
         return arr.astype(np.float16), T.F16
 
 
+class TensorNames:
+    """llama.cpp's name for a transformers tensor, and the row order it stores q/k projections in."""
+
+    def __init__(self, cfg):
+        self.cfg, self.arch = cfg, ARCHS[cfg.model_type]
+        self.names = gguf.get_tensor_name_map(self.arch, cfg.num_hidden_layers)
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+    def name(self, hf: str) -> str:
+        name = self.names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UserError(f"gguf export: tensor '{hf}' has no llama.cpp name for {self.cfg.model_type}")
+        return name
+
+    def permute(self, hf: str, t: torch.Tensor) -> torch.Tensor:
+        if self.cfg.model_type != "llama":
+            return t
+        if ".q_proj." in hf:
+            return llama_permute(t, self.heads)
+        if ".k_proj." in hf:
+            return llama_permute(t, self.kv_heads)
+        return t
+
+
+def check_arch(cfg) -> None:
+    if cfg.model_type not in ARCHS:
+        raise UserError(f"gguf export: architecture '{cfg.model_type}' is not supported (supported: {', '.join(ARCHS)})")
+
+
+def write_file(w: gguf.GGUFWriter, out: Path) -> None:
+    """Write `w` to `out` through a temporary file in the same directory, renamed when complete."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        w.write_header_to_file(Path(tmp))
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_gguf_adapter(model: nn.Module, layers: dict, out: Path) -> int:
+    """llama.cpp's LoRA adapter GGUF for `layers` (see `effspec.export.adapter`); its bytes."""
+    from effspec.export.adapter import add_gguf_adapter
+
+    check_arch(model.config)
+    names = TensorNames(model.config)
+    w = _Writer(path=None, arch=gguf.MODEL_ARCH_NAMES[names.arch])
+    add_gguf_adapter(w, layers, names.name, names.permute)
+    w.add_uint32(MARKER_KEY, 1)
+    write_file(w, out)
+    return Path(out).stat().st_size
+
+
 def write_gguf(loaded, out: Path, float_type: str = DEFAULT_FLOAT_TYPE) -> ExportReport:
     """Write `loaded.model` to the GGUF file `out` (through a temporary file renamed when complete)."""
     model, cfg = loaded.model, loaded.model.config
     if float_type not in FLOAT_TYPES:
         raise UserError(f"--type {float_type}: expected one of {', '.join(FLOAT_TYPES)}")
-    if cfg.model_type not in ARCHS:
-        raise UserError(f"gguf export: architecture '{cfg.model_type}' is not supported (supported: {', '.join(ARCHS)})")
-    arch, qfloat = ARCHS[cfg.model_type], FLOAT_TYPES[float_type]
-    w = _Writer(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])
+    check_arch(cfg)
+    names = TensorNames(cfg)
+    qfloat = FLOAT_TYPES[float_type]
+    w = _Writer(path=None, arch=gguf.MODEL_ARCH_NAMES[names.arch])
     add_hparams(w, cfg)
-    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
-    heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-
-    def gguf_name(hf: str) -> str:
-        name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise UserError(f"gguf export: tensor '{hf}' has no llama.cpp name for {cfg.model_type}")
-        return name
-
-    def permute(hf: str, t: torch.Tensor) -> torch.Tensor:
-        if cfg.model_type != "llama":
-            return t
-        if ".q_proj." in hf:
-            return llama_permute(t, heads)
-        if ".k_proj." in hf:
-            return llama_permute(t, kv_heads)
-        return t
+    gguf_name, permute = names.name, names.permute
 
     report = ExportReport("gguf", str(out))
     packed, other = split_layers(model)
@@ -369,18 +414,7 @@ def write_gguf(loaded, out: Path, float_type: str = DEFAULT_FLOAT_TYPE) -> Expor
         write_hf_tokenizer(w, loaded.tokenizer, cfg.vocab_size)
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        w.write_header_to_file(Path(tmp))
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(w, out)
     report.bytes = out.stat().st_size
     log.info("gguf: %d packed layers exact, %d tensors converted (%s), %s", len(report.exact),
              len(report.converted), float_type, out)
