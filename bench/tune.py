@@ -25,7 +25,9 @@ accumulation, learning-rate schedule, bf16 autocast and gradient checkpointing:
   which alone shifts the loss curves apart; `--peer-schedule own` uses
   `lr_scheduler_type="cosine"` and `warmup_steps` as they are.
 
-Each setting runs in its own fresh process. After loading (and, for QLoRA,
+Each setting runs in its own fresh process (effspec's with the one glibc malloc
+arena effspec asks for on import; the peer's with glibc's default, as its users
+run it: `malloc_arenas` in the row). After loading (and, for QLoRA,
 quantizing) the model the worker runs `gc.collect()` and glibc's `malloc_trim`,
 reads its resident set (`RSS loaded`), resets the kernel's peak mark
 (/proc/self/clear_refs, `effspec.measure.memory`) and trains: `peak train` is
@@ -542,12 +544,15 @@ def worker(spec_path: Path) -> int:
     spec = json.loads(spec_path.read_text())
     t_start = time.perf_counter()
     out: dict = {}
+    part, side, _ = SETTINGS[spec["setting"]]
+    if side == "peft":  # the peer as its users run it: glibc's own malloc arenas (effspec asks for one on import)
+        os.environ["EFFSPEC_MALLOC_ARENAS"] = "0"
+    out["malloc_arenas"] = os.environ.get("EFFSPEC_MALLOC_ARENAS", "1")
     try:
         import torch
 
         torch.set_num_threads(spec["threads"])
         tokens = torch.load(spec["tokens"])
-        part, side, _ = SETTINGS[spec["setting"]]
         body = recovery_effspec if part == "recovery" else memory_peer if side == "peft" else memory_effspec
         body(spec, tokens, out)
         from effspec.pipeline import environment
