@@ -479,7 +479,7 @@ def test_fused_head_loss_under_bf16_autocast_matches_the_autocast_linear():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = head_loss(h, w, y) if fused else F.cross_entropy(F.linear(h, w).float(), y, reduction="sum")
         loss.backward()
-        out.append((float(loss), h.grad, w.grad))
+        out.append((float(loss.detach()), h.grad, w.grad))
     assert out[0][0] == pytest.approx(out[1][0], rel=1e-4)
     torch.testing.assert_close(out[0][1], out[1][1], atol=2e-3, rtol=2e-2)
     torch.testing.assert_close(out[0][2], out[1][2], atol=2e-2, rtol=2e-2)
