@@ -115,7 +115,7 @@ def build(name: str):
     if lora:  # random adapters, large enough to move the distributions visibly
         g = torch.Generator().manual_seed(0)
         for layer_name, m in list(loaded.model.model.layers.named_modules(prefix="model.layers")):
-            if layer_name.endswith(("_proj",)) and hasattr(m, "in_features"):
+            if layer_name.endswith("_proj") and hasattr(m, "in_features"):
                 wrapped = LoRALinear(m, LORA_RANK, LORA_SCALING)
                 with torch.no_grad():
                     wrapped.lora_A.copy_(torch.randn(wrapped.lora_A.shape, generator=g) * LORA_STD)
@@ -125,9 +125,12 @@ def build(name: str):
 
 
 def log_probs(model, ids):
+    """effspec's exact next-token log-probabilities: packed layers dequantized, float32 activations."""
     import torch
 
-    with torch.no_grad():
+    from effspec.layers import kernels
+
+    with torch.no_grad(), kernels(False):
         return torch.log_softmax(model(ids[None]).logits[0].float(), dim=-1)
 
 

@@ -137,7 +137,7 @@ def export(loaded, fmt: str, out: Path, gguf_type: str | None = None, force: boo
     LoRA adapters kept beside a packed base (QLoRA) are written as the adapter files the
     serving tools load over the base (`effspec.export.adapter`), the base without them.
     """
-    from effspec.export.adapter import base_only, gguf_adapter_path, lora_layers, rank_and_alpha
+    from effspec.export.adapter import base_only, lora_layers, rank_and_alpha
 
     layers = lora_layers(loaded.model)
     check_request(fmt, out, gguf_type, force, adapter=bool(layers))
@@ -150,15 +150,8 @@ def export(loaded, fmt: str, out: Path, gguf_type: str | None = None, force: boo
 
             report = write_compressed_tensors(loaded, out, adapter=layers)
         else:
-            from effspec.export.gguf import DEFAULT_FLOAT_TYPE, write_gguf, write_gguf_adapter
+            from effspec.export.gguf import DEFAULT_FLOAT_TYPE, write_gguf
 
-            report = write_gguf(loaded, out, gguf_type or DEFAULT_FLOAT_TYPE)
-            if layers:
-                try:
-                    report.bytes += write_gguf_adapter(loaded.model, layers, gguf_adapter_path(out))
-                except BaseException:
-                    out.unlink(missing_ok=True)  # the base alone is not the model
-                    raise
-                report.adapter = str(gguf_adapter_path(out))
+            report = write_gguf(loaded, out, gguf_type or DEFAULT_FLOAT_TYPE, adapter=layers)
     report.adapter_layers = len(layers)
     return report

@@ -25,7 +25,6 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-import torch
 from torch import nn
 
 from effspec.errors import UserError

@@ -357,8 +357,9 @@ def write_gguf_adapter(model: nn.Module, layers: dict, out: Path) -> int:
     return Path(out).stat().st_size
 
 
-def write_gguf(loaded, out: Path, float_type: str = DEFAULT_FLOAT_TYPE) -> ExportReport:
-    """Write `loaded.model` to the GGUF file `out` (through a temporary file renamed when complete)."""
+def write_gguf(loaded, out: Path, float_type: str = DEFAULT_FLOAT_TYPE, adapter: dict | None = None) -> ExportReport:
+    """Write `loaded.model` to the GGUF file `out` (through a temporary file renamed when complete);
+    `adapter`: LoRA layers by name, written beside it as llama.cpp's LoRA GGUF (`effspec.export.adapter`)."""
     model, cfg = loaded.model, loaded.model.config
     if float_type not in FLOAT_TYPES:
         raise UserError(f"--type {float_type}: expected one of {', '.join(FLOAT_TYPES)}")
@@ -416,6 +417,15 @@ def write_gguf(loaded, out: Path, float_type: str = DEFAULT_FLOAT_TYPE) -> Expor
     out = Path(out)
     write_file(w, out)
     report.bytes = out.stat().st_size
+    if adapter:
+        from effspec.export.adapter import gguf_adapter_path
+
+        try:
+            report.bytes += write_gguf_adapter(model, adapter, gguf_adapter_path(out))
+        except BaseException:
+            out.unlink(missing_ok=True)  # the base alone is not the model
+            raise
+        report.adapter = str(gguf_adapter_path(out))
     log.info("gguf: %d packed layers exact, %d tensors converted (%s), %s", len(report.exact),
              len(report.converted), float_type, out)
     return report

@@ -215,7 +215,7 @@ def apply_asvd(model: nn.Module, cfg: ASVDConfig, calib=None) -> nn.Module:
 
 
 def strs_ratios(model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor,
-                  scales: dict[str, torch.Tensor], cfg: ASVDConfig) -> dict[str, float]:
+                scales: dict[str, torch.Tensor], cfg: ASVDConfig) -> dict[str, float]:
     """Per-layer ratios by STRS within cfg.ratio of the layers' parameters (see rank_search.py)."""
     rows = calib[: cfg.search_rows, : cfg.search_tokens]
     current: dict[str, tuple] = {}  # the one layer being measured: its decomposition, computed once
