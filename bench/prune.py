@@ -7,8 +7,10 @@ group-64 weights; drop-layers removing 4 and 8 of the 30 blocks; prune-width
 removing 20% and 35% of the parameters; SVD and ASVD keeping 80% and 60% of
 the linear parameters; and per-layer allocation against uniform at the same
 budget: Wanda and SparseGPT at 70% uniform and with OWL's block sparsities,
-ASVD 80% with its sensitivity-based rank search. Each setting runs once per
-side it has:
+ASVD 80% with its sensitivity-based rank search; Wanda and SparseGPT at 50%
+and 2:4 again as `<name>-bf16`, effspec's calibration forwards in bf16 (as in
+bench/quantize.py), against the same llm-compressor rows. Each setting runs
+once per side it has:
 
 - effspec: the setting's steps (a recipe: registry names and fields) applied
   to the model `effspec.models.load_model` loads. A step not registered (yet),
@@ -80,6 +82,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is no package
 
 from quantize import (  # noqa: E402 -- the shared machinery of the quantization benchmark, reused as is
     MODEL,
+    BF16,
     PROMPT_TOKENS,
     TARGET_PPL_RATIO,
     TARGET_TIME_RATIO,
@@ -89,6 +92,7 @@ from quantize import (  # noqa: E402 -- the shared machinery of the quantization
     _f,
     _ratio,
     _status,
+    bf16_variant,
     effspec_available,
     ensure_peer_venv,
     load_cache,
@@ -153,10 +157,15 @@ SETTINGS_TABLE: tuple[tuple[str, str, tuple | None], ...] = (
 )
 # quantize.Setting types modifiers as a tuple: NO_PEER (None) is a marker it never needed
 SETTINGS = {name: Setting(name, steps, peer) for name, steps, peer in SETTINGS_TABLE}  # type: ignore[arg-type]
+# the calibrated methods again with effspec's calibration forwards in bf16, against the same llm-compressor rows
+for _name in ("wanda-50", "wanda-24", "sparsegpt-50", "sparsegpt-24"):
+    _s = SETTINGS[_name]
+    SETTINGS[f"{_name}-bf16"] = bf16_variant(_s, _s.steps.replace("}}]", f", {BF16}}}}}]"))
 
 
 def has_peer(name: str) -> bool:
-    return name not in SETTINGS or SETTINGS[name].modifiers is not NO_PEER
+    """Whether this setting runs llm-compressor itself (a bf16 variant shares its base setting's row)."""
+    return name not in SETTINGS or (SETTINGS[name].modifiers is not NO_PEER and not SETTINGS[name].peer_of)
 
 
 # flag, default, help: the counts of the protocol, each at least 1
@@ -385,7 +394,7 @@ METRICS = (
 
 def comparisons(rows: list[dict]) -> list[dict]:
     """bench/quantize.py's comparisons (both sides and their ratios per setting) plus prefill and whether a peer exists."""
-    comps = quantize.comparisons(rows)
+    comps = quantize.comparisons(rows, SETTINGS)
     for c in comps:
         e, p = c["effspec"], c["llmcompressor"]
         both = e.get("status") == "ok" and p.get("status") == "ok"

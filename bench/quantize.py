@@ -3,7 +3,10 @@
 `smollm2-135m` under the BENCHMARKS.md protocol (../shared/BENCHMARKS.md), for
 every setting of `SETTINGS`: float32; RTN, GPTQ, AWQ and AWQ+GPTQ at w4 g64,
 w3 g64, w4 per-channel and w2 g64; rotation+GPTQ at w3 g64 and w2 g64;
-SmoothQuant W8A8 and plain W8A8. Each setting runs twice, once per side:
+SmoothQuant W8A8 and plain W8A8; and each GPTQ setting again as `<name>-bf16`,
+effspec's calibration forwards under bf16 autocast (`calibration_dtype:
+bfloat16`, faster on CPUs with AVX512-BF16; the Hessians stay float32), against
+the same llm-compressor row (it runs once). Each setting runs twice, once per side:
 
 - effspec: the setting's steps (a recipe, effspec's registry names and fields)
   applied to the model loaded by `effspec.models.load_model`. A step not
@@ -104,9 +107,18 @@ class Setting:
     name: str
     steps: str  # effspec recipe steps, YAML flow list of {step: {field: value}}
     modifiers: tuple  # llm-compressor: ((class name, kwargs), ...) in order; () = float32, no oneshot
+    peer_of: str = ""  # the setting whose llm-compressor row is this one's too (the same modifiers, run once)
 
     def recipe_yaml(self) -> str:
         return f"name: {self.name}\nsteps: {self.steps}\n"
+
+
+BF16 = "calibration_dtype: bfloat16"  # effspec's calibration forwards under bf16 autocast (AVX512-BF16 CPUs)
+
+
+def bf16_variant(setting: Setting, steps: str) -> Setting:
+    """`setting` with effspec's calibration in bf16 (`steps` say where); its peer is `setting`'s llm-compressor row."""
+    return Setting(f"{setting.name}-bf16", steps, setting.modifiers, peer_of=setting.name)
 
 
 GRIDS = {"w4g64": (4, 64), "w3g64": (3, 64), "w4ch": (4, 0), "w2g64": (2, 64)}  # name -> (bits, group; 0 = per channel)
@@ -131,7 +143,8 @@ def build_settings() -> dict[str, Setting]:
         sym, asym = _grid(bits, group, True), _grid(bits, group, False)
         out += [
             Setting(f"rtn-{g}", f"[{{rtn: {{{sym}}}}}]", (("QuantizationModifier", weight_only(bits, group, True)),)),
-            Setting(f"gptq-{g}", f"[{{gptq: {{{sym}}}}}]", (("GPTQModifier", weight_only(bits, group, True)),)),
+            gptq := Setting(f"gptq-{g}", f"[{{gptq: {{{sym}}}}}]", (("GPTQModifier", weight_only(bits, group, True)),)),
+            bf16_variant(gptq, f"[{{gptq: {{{sym}, {BF16}}}}}]"),
             Setting(f"awq-{g}", f"[{{awq: {{{asym}}}}}]",
                     (("AWQModifier", {}), ("QuantizationModifier", weight_only(bits, group, False)))),
             Setting(f"awqgptq-{g}", f"[{{awq: {{{asym}, quantize: false}}}}, {{gptq: {{{asym}}}}}]",
@@ -139,9 +152,10 @@ def build_settings() -> dict[str, Setting]:
         ]
     for g in ("w3g64", "w2g64"):
         bits, group = GRIDS[g]
-        out.append(Setting(f"rotategptq-{g}", f"[{{rotate: {{seed: 0}}}}, {{gptq: {{{_grid(bits, group, True)}}}}}]",
-                           (("SpinQuantModifier", {"rotations": ["R1", "R4"], "transform_type": "random-hadamard"}),
-                            ("GPTQModifier", weight_only(bits, group, True)))))
+        rotated = Setting(f"rotategptq-{g}", f"[{{rotate: {{seed: 0}}}}, {{gptq: {{{_grid(bits, group, True)}}}}}]",
+                          (("SpinQuantModifier", {"rotations": ["R1", "R4"], "transform_type": "random-hadamard"}),
+                           ("GPTQModifier", weight_only(bits, group, True))))
+        out += [rotated, bf16_variant(rotated, f"[{{rotate: {{seed: 0}}}}, {{gptq: {{{_grid(bits, group, True)}, {BF16}}}}}]")]
     # the w4 g64 layers plus an 8-bit per-channel output head: what llama.cpp's 4-bit files do with the head
     head8 = weight_only(4, 64, True)
     head8["config_groups"]["group_0"]["targets"] = ["re:.*_proj$"]
@@ -476,12 +490,15 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def comparisons(rows: list[dict]) -> list[dict]:
-    """Per setting: both sides' figures side by side and effspec/llm-compressor ratios."""
+def comparisons(rows: list[dict], settings: dict[str, Setting] | None = None) -> list[dict]:
+    """Per setting: both sides' figures side by side and effspec/llm-compressor ratios (a `peer_of` setting
+    against the llm-compressor row of the setting it names)."""
+    settings = SETTINGS if settings is None else settings
     by = {(r["setting"], r["side"]): r for r in rows}
     out = []
     for name in dict.fromkeys(r["setting"] for r in rows if r["side"] in SIDES):
-        e, p = by.get((name, "effspec"), {}), by.get((name, "llmcompressor"), {})
+        peer = settings[name].peer_of if name in settings and settings[name].peer_of else name
+        e, p = by.get((name, "effspec"), {}), by.get((peer, "llmcompressor"), {})
         ok_e, ok_p = e.get("status") == "ok", p.get("status") == "ok"
         c = {"setting": name, "effspec": e, "llmcompressor": p}
         for metric in ("perplexity", "compress_seconds", "peak_rss_bytes", "stored_bytes", "decode_tokens_per_s"):
@@ -615,8 +632,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.settings:
             setting = SETTINGS[name]
             for side in SIDES:
-                if side == "llmcompressor" and args.skip_peer:
-                    continue
+                if side == "llmcompressor" and (args.skip_peer or setting.peer_of):
+                    continue  # a peer_of setting's peer row is the other setting's
                 key = row_key(protocol, setting, side)
                 if key in cache:
                     log.info("%s [%s]: cached", name, side)

@@ -53,6 +53,17 @@ JSON line holding all rows.
 
     python bench/tasks.py --quick --threads 1      # 100 documents per task, a smoke run
     python bench/tasks.py --threads 2              # full sets (the protocol)
+
+The full sets take over five hours on 2 cores (HellaSwag alone: ~1 h effspec,
+~2 h lm-eval), more than one sitting on a machine that must stay idle while it
+is timed. So a run can score a subset of the tasks (`--tasks`) or one side
+(`--side effspec|lmeval`), and `--combine A.json B.json ...` joins such runs into
+the one table, each side's time summed over the runs that scored on it:
+
+    python bench/tasks.py --tasks piqa arc_easy winogrande --skip-kld --out bench/results/t1.json
+    python bench/tasks.py --tasks hellaswag --side effspec --skip-kld --out bench/results/t2.json
+    python bench/tasks.py --tasks hellaswag --side lmeval --skip-kld --out bench/results/t3.json
+    python bench/tasks.py --combine bench/results/t1.json bench/results/t2.json bench/results/t3.json
 """
 
 from __future__ import annotations
@@ -88,6 +99,7 @@ QUICK_LIMIT = 100
 QUICK_ROLLING_LIMIT = 4  # wikitext articles in a --quick run (each is thousands of tokens)
 QUICK_KLD = {"windows": 4, "seqlen": 512}
 TARGET_DELTA_PTS, TARGET_SPEEDUP = 0.5, 1.5
+SIDES = ("both", "effspec", "lmeval")
 
 log = logging.getLogger("bench.tasks")
 
@@ -108,7 +120,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="lm-eval's --batch_size (default 32)")
     p.add_argument("--peer-venv", type=Path, default=DEFAULT_PEER_VENV,
                    help="lm-eval's virtual environment, created when missing (default bench/.venv-lmeval)")
-    p.add_argument("--skip-peer", action="store_true", help="effspec only")
+    p.add_argument("--side", choices=SIDES, default="both",
+                   help="score on both sides (default), or one; --combine joins one-side runs made at different times")
+    p.add_argument("--skip-peer", action="store_true", help="effspec only (the same as --side effspec)")
+    p.add_argument("--combine", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="score nothing: join earlier runs' JSON files into one table, each side's time summed over the runs")
     p.add_argument("--skip-kld", action="store_true", help="no KL-divergence rows")
     p.add_argument("--check-prompts", action="store_true",
                    help="also compare every document's prompt, continuations and gold with lm-eval's own requests (untimed)")
@@ -122,6 +138,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.effspec_worker is not None:
         return args
+    if args.skip_peer:
+        args.side = "effspec"
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
         p.error(f"unknown task(s) {', '.join(unknown)}; expected some of {', '.join(TASKS)}")
@@ -573,17 +591,161 @@ def _render(lines: list[tuple]) -> str:
     return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines[1:]])
 
 
+def combine(paths: list[Path]) -> dict:
+    """One record from runs of this script made at different times, e.g. `--side effspec` in one
+    session and `--side lmeval` in another, or one task per run.
+
+    Each task takes its effspec result from the one file that scored it on effspec's side, and its
+    lm-eval result likewise; a side scored twice for a task is an error (say which run counts by
+    leaving the other out). Each side's time is the sum of its runs' end-to-end times, so every run
+    still pays its own process start and model load. The runs must share model, limit, seed,
+    threads and lm-eval batch size.
+    """
+    records = []
+    for path in paths:
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read it ({e})") from None
+        if rec.get("benchmark") != "tasks" or not any(r.get("kind") == "timing" for r in rec.get("rows", [])):
+            raise ValueError(f"{path}: not a result file of bench/tasks.py")
+        records.append((path, rec))
+    shared = ("model", "limit", "seed", "threads", "lmeval_batch_size")
+    first = records[0][1]
+    for path, rec in records[1:]:
+        differ = [k for k in shared if rec.get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"{path} and {records[0][0]} differ in {', '.join(differ)}; only like runs combine")
+    sources: dict[str, dict[str, tuple[Path, dict]]] = {"effspec": {}, "lmeval": {}}
+    timing = {"kind": "timing", "runs": []}
+    for path, rec in records:
+        t = next(r for r in rec["rows"] if r["kind"] == "timing")
+        contributes = set()
+        for r in rec["rows"]:
+            if r["kind"] not in ("task", "rolling"):
+                continue
+            for side in ("effspec", "lmeval"):
+                if r[f"n_{side}"] is None:
+                    continue
+                if r["task"] in sources[side]:
+                    raise ValueError(f"{r['task']} was scored on {side}'s side in both {sources[side][r['task']][0]} "
+                                     f"and {path}; leave one of them out")
+                sources[side][r["task"]] = (path, r)
+                contributes.add(side)
+        for side in contributes:
+            for k in ("wall_seconds", "cpu_seconds"):
+                timing[f"{side}_{k}"] = timing.get(f"{side}_{k}", 0.0) + (t.get(f"{side}_{k}") or 0.0)
+        timing["runs"].append({"file": path.name, "tasks": rec.get("tasks"), "sides": sorted(contributes),
+                               "effspec_wall_seconds": t.get("effspec_wall_seconds"),
+                               "lmeval_wall_seconds": t.get("lmeval_wall_seconds"), "load_average": t.get("load_average")})
+    names = [t for t in TASKS if t in sources["effspec"] or t in sources["lmeval"]]
+    ours = {"tasks": {t: {"n": r["n_effspec"], **r["effspec"]} for t, (_, r) in sources["effspec"].items()}}
+    peer = {"tasks": {t: {"n": r["n_lmeval"], **r["lmeval"]} for t, (_, r) in sources["lmeval"].items()}}
+    rows = task_rows(names, ours, peer)
+    ok = all(f"{side}_wall_seconds" in timing for side in ("effspec", "lmeval"))
+    ok = ok and set(sources["effspec"]) == set(sources["lmeval"])  # a ratio only over the same tasks
+    for side in ("effspec", "lmeval"):
+        for k in ("wall_seconds", "cpu_seconds"):
+            timing.setdefault(f"{side}_{k}", None)
+    timing.update(effspec_threads=first.get("threads"), lmeval_threads=first.get("threads"),
+                  load_average=max((r["load_average"] or [0.0]) for r in timing["runs"]))
+    timing["speedup"] = timing["lmeval_wall_seconds"] / timing["effspec_wall_seconds"] if ok else None
+    timing["cpu_speedup"] = timing["lmeval_cpu_seconds"] / timing["effspec_cpu_seconds"] if ok else None
+    rows.append(timing)
+    for _, rec in records:
+        rows += [r for r in rec["rows"] if r["kind"] in ("kld", "prompts", "error")]
+    meta = {k: first.get(k) for k in ("benchmark", "model", "data", "limit", "seed", "quick", "threads", "lmeval_batch_size")}
+    meta.update(tasks=names, combined=[str(p) for p in paths], lmeval_env=next((r["lmeval_env"] for _, r in records if "lmeval_env" in r), {}),
+                env=first.get("env", {}), kld_data=first.get("kld_data"),
+                total_seconds=sum(r.get("total_seconds") or 0.0 for _, r in records))
+    return {**meta, "rows": rows}
+
+
+def report(record: dict) -> str:
+    """The printed tables of one record (a run, or runs combined)."""
+    rows = record["rows"]
+    trows = [r for r in rows if r["kind"] == "task"]
+    rolling = [r for r in rows if r["kind"] == "rolling"]
+    t = next(r for r in rows if r["kind"] == "timing")
+    lm, env = record.get("lmeval_env", {}), record.get("env", {})
+    out = [f"effspec task benchmark: {record['model']} float32, zero-shot, on {record['data']}"
+           + (f"  [--limit {record['limit']}: seeded subset (seed {record['seed']}), the same documents on both sides]"
+              if record["limit"] else "  [full sets]")]
+    out.append(f"threads {record['threads']} each side (effspec torch {t['effspec_threads']}, lm-eval torch {t['lmeval_threads']}); "
+               f"lm-eval {lm.get('lm_eval', '-')} (transformers {lm.get('transformers', '-')}, batch size {record['lmeval_batch_size']}); "
+               f"effspec {env.get('effspec', '-')} (transformers {env.get('transformers', '-')}); cpu: {env.get('cpu', '-')}")
+    for r in rows:
+        if r["kind"] == "error":
+            out.append(f"{r['side']}: {r['error']}")
+    if record.get("combined"):
+        out.append(f"combined from {len(t['runs'])} runs; each side's time is the sum over the runs that scored on it:")
+        for run in t["runs"]:
+            out.append(f"  {run['file']}: {', '.join(run['tasks'])} on {' and '.join(run['sides'])}: effspec "
+                       f"{_fmt(run['effspec_wall_seconds'], '.1f')} s, lm-eval {_fmt(run['lmeval_wall_seconds'], '.1f')} s, "
+                       f"load average at the end {_fmt((run['load_average'] or [None])[0])}")
+    out.append("")
+    if trows:
+        out += [table(trows), ""]
+    if rolling:
+        out.append(rolling_table(rolling))
+        for r in rolling:
+            rel = r["rel_delta_word_perplexity"]
+            out.append(f"{r['task']}: word perplexity differs by {_fmt(rel * 100 if rel is not None else None, '.4f')}% "
+                       f"(target <= {TARGET_ROLLING_REL * 100:g}%: the same definition, only float rounding may differ)")
+        out.append("")
+    out.append(f"wall, end to end (process start, model load, scoring): effspec {_fmt(t['effspec_wall_seconds'], '.1f')} s, "
+               f"lm-eval {_fmt(t['lmeval_wall_seconds'], '.1f')} s, effspec speedup {_fmt(t['speedup'], '.2f')}x "
+               f"(target >= {TARGET_SPEEDUP}x)")
+    out.append(f"CPU time (user + system): effspec {_fmt(t['effspec_cpu_seconds'], '.1f')} s, "
+               f"lm-eval {_fmt(t['lmeval_cpu_seconds'], '.1f')} s, ratio {_fmt(t['cpu_speedup'], '.2f')}x; "
+               f"load average at the end {t['load_average'][0]:.2f} on {os.cpu_count()} cores")
+    deltas = [r for r in trows if r["within_target"] is False]
+    if trows and any(r["within_target"] is not None for r in trows):
+        out.append(f"accuracy: {'all tasks within' if not deltas else 'outside'} {TARGET_DELTA_PTS} points"
+                   + ("" if not deltas else ": " + ", ".join(r["task"] for r in deltas)))
+    prompts = [r for r in rows if r["kind"] == "prompts"]
+    if prompts:
+        out.append("prompts (every document's contexts, continuations and gold against lm-eval's own requests): " + "; ".join(
+            f"{r['task']}: error {r['error']}" if "error" in r else
+            f"{r['task']} {r['differing']}/{max(r['docs_effspec'], r['docs_lmeval'])} differ"
+            + (f" (first: {r['first_differing'][:3]})" if r["differing"] else "") for r in prompts))
+    kld = [r for r in rows if r["kind"] == "kld"]
+    if kld:
+        w = next((r for r in kld if "windows" in r), {})
+        out += ["", f"KL divergence to float32 on {record.get('kld_data') or 'WikiText-2'} "
+                    f"({w.get('windows', '-')} windows of {w.get('seqlen', '-')} tokens):", kld_table(kld)]
+    return "\n".join(out)
+
+
+def write_record(record: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+    print(report(record))
+    print(f"\nRows: {out}")
+    print(json.dumps(record, default=str))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.effspec_worker is not None:
         return effspec_worker(args.effspec_worker)
+    if args.combine:
+        try:
+            record = combine(args.combine)
+        except ValueError as e:
+            print(f"bench/tasks.py: error: {e}", file=sys.stderr)
+            return 2
+        write_record(record, args.out)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # this process: subset mapping and KLD
     t_start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="effspec-bench-tasks-"))
     rows: list[dict] = []
     meta: dict = {"benchmark": "tasks", "model": MODEL, "data": str(args.data), "tasks": args.tasks, "limit": args.limit, "limits": args.limits,
-                  "seed": args.seed, "quick": args.quick, "threads": args.threads, "lmeval_batch_size": args.batch_size}
+                  "seed": args.seed, "quick": args.quick, "threads": args.threads, "lmeval_batch_size": args.batch_size,
+                  "side": args.side, "kld_data": str(args.kld_data)}
+    ours: dict = {}
     try:
         try:
             task_dir, counts = write_peer_tasks(args.tasks, args.data, tmp)
@@ -591,12 +753,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench/tasks.py: error: cannot read the task files under {args.data}: {e}", file=sys.stderr)
             return 2
         meta["documents"] = counts
-        ours = run_effspec(args, tmp)
-        if "error" in ours:
-            log.error("effspec failed: %s (log: %s)", ours["error"], tmp / "effspec.log")
-            rows.append({"kind": "error", "side": "effspec", "error": ours["error"]})
+        if args.side != "lmeval":
+            ours = run_effspec(args, tmp)
+            if "error" in ours:
+                log.error("effspec failed: %s (log: %s)", ours["error"], tmp / "effspec.log")
+                rows.append({"kind": "error", "side": "effspec", "error": ours["error"]})
         peer: dict | None = None
-        if not args.skip_peer:
+        if args.side != "effspec":
             try:
                 exe = ensure_peer_venv(args.peer_venv)
                 meta["lmeval_env"] = peer_versions(args.peer_venv, args.threads)
@@ -622,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
                   "effspec_threads": ours.get("threads"), "lmeval_wall_seconds": (peer or {}).get("wall_seconds"),
                   "lmeval_cpu_seconds": (peer or {}).get("cpu_seconds"),
                   "lmeval_threads": meta.get("lmeval_env", {}).get("threads"), "load_average": os.getloadavg()}
-        ok = "error" not in ours and peer is not None and "error" not in peer
+        ok = bool(ours) and "error" not in ours and peer is not None and "error" not in peer
         timing["speedup"] = timing["lmeval_wall_seconds"] / timing["effspec_wall_seconds"] if ok else None
         timing["cpu_speedup"] = timing["lmeval_cpu_seconds"] / timing["effspec_cpu_seconds"] if ok else None
         rows.append(timing)
@@ -642,57 +805,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta["env"] = environment()
     meta["total_seconds"] = time.perf_counter() - t_start
-    record = {**meta, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
-
-    trows = [r for r in rows if r["kind"] == "task"]
-    rolling = [r for r in rows if r["kind"] == "rolling"]
-    timing = next(r for r in rows if r["kind"] == "timing")
-    lm = meta.get("lmeval_env", {})
-    print(f"effspec task benchmark: {MODEL} float32, zero-shot, on {args.data}"
-          + (f"  [--limit {args.limit}: seeded subset (seed {args.seed}), the same documents on both sides]" if args.limit else "  [full sets]"))
-    print(f"threads {args.threads} each side (effspec torch {timing['effspec_threads']}, lm-eval torch {timing['lmeval_threads']}); "
-          f"lm-eval {lm.get('lm_eval', '-')} (transformers {lm.get('transformers', '-')}, batch size {args.batch_size}); "
-          f"effspec {meta['env']['effspec']} (transformers {meta['env']['transformers']}); cpu: {meta['env']['cpu']}")
-    for r in rows:
-        if r["kind"] == "error":
-            print(f"{r['side']}: {r['error']}")
-    print()
-    if trows:
-        print(table(trows))
-        print()
-    if rolling:
-        print(rolling_table(rolling))
-        for r in rolling:
-            rel = r["rel_delta_word_perplexity"]
-            print(f"{r['task']}: word perplexity differs by {_fmt(rel * 100 if rel is not None else None, '.4f')}% "
-                  f"(target <= {TARGET_ROLLING_REL * 100:g}%: the same definition, only float rounding may differ)")
-        print()
-    t = timing
-    print(f"wall, end to end (process start, model load, scoring): effspec {_fmt(t['effspec_wall_seconds'], '.1f')} s, "
-          f"lm-eval {_fmt(t['lmeval_wall_seconds'], '.1f')} s, effspec speedup {_fmt(t['speedup'], '.2f')}x "
-          f"(target >= {TARGET_SPEEDUP}x)")
-    print(f"CPU time (user + system, unaffected by other load): effspec {_fmt(t['effspec_cpu_seconds'], '.1f')} s, "
-          f"lm-eval {_fmt(t['lmeval_cpu_seconds'], '.1f')} s, ratio {_fmt(t['cpu_speedup'], '.2f')}x; "
-          f"load average at the end {t['load_average'][0]:.2f} on {os.cpu_count()} cores")
-    deltas = [r for r in trows if r["within_target"] is False]
-    if trows and any(r["within_target"] is not None for r in trows):
-        print(f"accuracy: {'all tasks within' if not deltas else 'outside'} {TARGET_DELTA_PTS} points"
-              + ("" if not deltas else ": " + ", ".join(r["task"] for r in deltas)))
-    prompts = [r for r in rows if r["kind"] == "prompts"]
-    if prompts:
-        print("prompts (every document's contexts, continuations and gold against lm-eval's own requests): " + "; ".join(
-            f"{r['task']}: error {r['error']}" if "error" in r else
-            f"{r['task']} {r['differing']}/{max(r['docs_effspec'], r['docs_lmeval'])} differ"
-            + (f" (first: {r['first_differing'][:3]})" if r["differing"] else "") for r in prompts))
-    kld = [r for r in rows if r["kind"] == "kld"]
-    if kld:
-        print()
-        print(f"KL divergence to float32 on {args.kld_data} ({args.kld_windows} windows of {args.kld_seqlen} tokens):")
-        print(kld_table(kld))
-    print(f"\nRows: {args.out}")
-    print(json.dumps(record, default=str))
+    write_record({**meta, "rows": rows}, args.out)
     return 0 if "error" not in ours else 1
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from effspec.config import expect
 from effspec.progress import track
 from effspec.surgery import decoder_blocks
 
@@ -53,10 +54,16 @@ def block0_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tenso
 CALIBRATION_DTYPES = ("float32", "bfloat16")
 
 
+def check_calibration_dtype(value: str) -> None:
+    """The config check of every step's `calibration_dtype` field."""
+    expect(value in CALIBRATION_DTYPES, "calibration_dtype", value, f"one of {CALIBRATION_DTYPES}")
+
+
 def precision(dtype: str) -> contextlib.AbstractContextManager:
     """The autocast context calibration forwards run under: bfloat16 matmuls are ~3x faster on AVX512-BF16 CPUs.
 
-    Weights stay float32 (autocast casts per op), so steps still read the exact float weights.
+    Weights stay float32 (autocast casts per op), so steps still read the exact float weights. A layer's
+    input then carries bf16 rounding; statistics of it (a layer-wise Hessian) are still taken in float32.
     """
     if dtype == "bfloat16":
         return torch.autocast("cpu", dtype=torch.bfloat16)

@@ -46,10 +46,11 @@ class _Hessian:
     def add(self, module, inputs, output) -> None:
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
         t = x.shape[0]
-        self.H *= self.tokens / (self.tokens + t)
-        self.tokens += t
-        x = x * (2 / self.tokens) ** 0.5
-        self.H += x.pow(2).sum(0) if self.diagonal else x.t() @ x
+        with torch.autocast("cpu", enabled=False):  # float32 products even when the forward runs in bf16:
+            self.H *= self.tokens / (self.tokens + t)  # a bf16-rounded x^T x need not stay positive definite
+            self.tokens += t
+            x = x * (2 / self.tokens) ** 0.5
+            self.H += x.pow(2).sum(0) if self.diagonal else x.t() @ x
 
 
 class _Stop(Exception):

@@ -52,7 +52,7 @@ def allocate(ratios: Sequence[float], sparsity: float, lam: float) -> list[float
 
 
 def block_outlier_ratios(model: nn.Module, calib: torch.Tensor, targets: dict[str, nn.Module],
-                         m: float) -> dict[str, float]:
+                         m: float, dtype: str = "float32") -> dict[str, float]:
     """D_l of every block holding targets, keyed by the block's module name, from the dense model."""
     names = {id(mod): n for n, mod in model.named_modules()}
     scores: dict[str, list[torch.Tensor]] = {}
@@ -66,15 +66,15 @@ def block_outlier_ratios(model: nn.Module, calib: torch.Tensor, targets: dict[st
         scores.setdefault(name, []).extend(block.get_submodule(n).weight.detach().abs().float() * x_norm[None, :]
                                            for n in group)
 
-    solve_layerwise(model, calib, targets, record, False, "float32", "owl", diagonal=True)
+    solve_layerwise(model, calib, targets, record, False, dtype, "owl", diagonal=True)
     ratios.update({b: outlier_ratio(s, m) for b, s in scores.items()})
     return ratios
 
 
 def block_sparsities(model: nn.Module, calib: torch.Tensor, targets: dict[str, nn.Module], sparsity: float,
-                     m: float, lam: float) -> dict[str, float]:
+                     m: float, lam: float, dtype: str = "float32") -> dict[str, float]:
     """OWL's sparsity for every block holding targets, keyed by block name."""
-    ratios = block_outlier_ratios(model, calib, targets, m)
+    ratios = block_outlier_ratios(model, calib, targets, m, dtype)
     order = list(ratios)
     return dict(zip(order, allocate([ratios[b] for b in order], sparsity, lam)))
 
@@ -83,7 +83,7 @@ def block_configs(model: nn.Module, calib: torch.Tensor, targets: dict[str, nn.M
     """`config_of(block)`: `cfg` itself when its allocation is uniform, else `cfg` with the block's OWL sparsity."""
     if cfg.allocation != "owl":
         return lambda block: cfg
-    sparsities = block_sparsities(model, calib, targets, cfg.sparsity, cfg.owl_m, cfg.owl_lambda)
+    sparsities = block_sparsities(model, calib, targets, cfg.sparsity, cfg.owl_m, cfg.owl_lambda, cfg.calibration_dtype)
     log.info("owl: block sparsities %.3f..%.3f (mean %.3f)", min(sparsities.values()), max(sparsities.values()),
              sum(sparsities.values()) / len(sparsities))
     names = {id(mod): n for n, mod in model.named_modules()}

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effspec.calibrate import check_calibration_dtype
 from effspec.config import expect
 from effspec.errors import UserError
 from effspec.quant import pack_bits, unpack_bits
@@ -106,9 +107,11 @@ class CalibratedPruneConfig(PruneConfig):
     allocation: str = "uniform"  # "owl": per-block sparsity from outlier ratios (effspec.owl), mean `sparsity`
     owl_m: float = 5.0  # OWL's M: a score is an outlier above M times its block's mean score
     owl_lambda: float = 0.08  # OWL's lambda: block sparsities span sparsity +- lambda
+    calibration_dtype: str = "float32"  # "bfloat16": calibration forwards under bf16 autocast (effspec.calibrate.precision)
 
     def __post_init__(self):
         super().__post_init__()
+        check_calibration_dtype(self.calibration_dtype)
         expect(self.allocation in ("uniform", "owl"), "allocation", self.allocation, "uniform or owl")
         if self.allocation == "owl":
             expect(not self.nm, "allocation", self.allocation, "uniform when nm is set (N:M fixes every row's sparsity)")

@@ -158,6 +158,6 @@ def apply(model: nn.Module, cfg: SparseGPTConfig, calib=None) -> nn.Module:
                 layer = SparseLinear.from_weight(r.weight, r.keep, lin.bias)
             replace_module(block, n, layer)
 
-    model = solve_layerwise(model, calib, targets, prune_group, cfg.true_sequential, "float32", "sparsegpt")
+    model = solve_layerwise(model, calib, targets, prune_group, cfg.true_sequential, cfg.calibration_dtype, "sparsegpt")
     log.info("sparsegpt: pruned %d linear layers%s", len(targets), f", {cfg.bits}-bit" if cfg.bits else "")
     return model

@@ -68,6 +68,6 @@ def apply(model: nn.Module, cfg: WandaConfig, calib=None) -> nn.Module:
             keep = wanda_mask(lin.weight.detach(), x_norm, config_of(block))
             replace_module(block, n, SparseLinear.from_weight(lin.weight.detach(), keep, lin.bias))
 
-    model = solve_layerwise(model, calib, targets, prune_group, cfg.true_sequential, "float32", "wanda", diagonal=True)
+    model = solve_layerwise(model, calib, targets, prune_group, cfg.true_sequential, cfg.calibration_dtype, "wanda", diagonal=True)
     log.info("wanda: pruned %d linear layers", len(targets))
     return model

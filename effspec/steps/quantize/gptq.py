@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effspec.calibrate import CALIBRATION_DTYPES
+from effspec.calibrate import check_calibration_dtype
 from effspec.config import expect
 from effspec.layers import QuantLinear
 from effspec.layerwise import solve_layerwise
@@ -46,8 +46,8 @@ class GPTQConfig:
     block_size: int = 128  # lazy-batch width (the paper's B = 128)
     true_sequential: bool = True
     # "bfloat16" runs calibration forwards under bf16 autocast (the reference code runs fp16 models on
-    # GPU): ~3x faster matmuls on CPUs with AVX512-BF16, but emulated and slower without it (as here:
-    # AVX2 only). H is accumulated in float32 either way.
+    # GPU): ~3x faster matmuls on CPUs with AVX512-BF16, emulated and slower without it. H is still
+    # accumulated in float32 (of the bf16-rounded inputs).
     calibration_dtype: str = "float32"
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ("lm_head",)
@@ -57,8 +57,7 @@ class GPTQConfig:
         expect(self.group_size >= 0, "group_size", self.group_size, "0 (per-channel) or a positive divisor of the input width")
         expect(0 < self.dampening < 1, "dampening", self.dampening, "a fraction in (0, 1)")
         expect(self.block_size >= 1, "block_size", self.block_size, "a positive number of columns")
-        expect(self.calibration_dtype in CALIBRATION_DTYPES, "calibration_dtype", self.calibration_dtype,
-               f"one of {CALIBRATION_DTYPES}")
+        check_calibration_dtype(self.calibration_dtype)
 
     @property
     def grid(self) -> Grid:
