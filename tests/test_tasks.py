@@ -166,11 +166,13 @@ def test_score_choices_matches_reference(tiny):
             assert a == pytest.approx(b, abs=1e-4)
 
 
-def test_packed_examples_match_reference(tiny):
-    for pack in (0, 64, 4096):  # one example per forward, a few, all at once
-        got = score_examples(tiny.model, tiny.tokenizer, SYNTHETIC, pack_tokens=pack)
+def test_batched_examples_match_reference(tiny):
+    for batch in (0, 64, 4096):  # one example per forward, a few (left-padded), all at once
+        got = score_examples(tiny.model, tiny.tokenizer, SYNTHETIC, batch_tokens=batch)
         for ex, scores in zip(SYNTHETIC, got):
-            assert [s[0] for s in scores] == pytest.approx([s[0] for s in reference(tiny.model, tiny.tokenizer, ex)], abs=1e-4)
+            want = reference(tiny.model, tiny.tokenizer, ex)
+            assert [s[0] for s in scores] == pytest.approx([s[0] for s in want], abs=1e-4)
+            assert [s[1] for s in scores] == [s[1] for s in want]
 
 
 def test_encode_pair_follows_lm_eval(tiny):

@@ -30,13 +30,13 @@ Speed: the choices of one example share a token prefix (the context, often
 more; for WinoGrande the sentence up to the blank), so each example becomes a
 token tree: the prefix once, then each distinct tail, with an attention mask
 that lets a tail see only the prefix and itself and position ids that restart
-where the prefix ends. Consecutive trees are packed into one sequence of about
-PACK_TOKENS tokens (block-diagonal mask), no padding, and the LM head runs only
-on the positions that score a continuation. Each row sees exactly the tokens a
-batch-1 forward of `context + continuation` sees, so only float rounding differs
-(~1e-5 in a loglikelihood). On smollm2-135m, one CPU thread, this does about
-half the token-forwards of one forward per choice (see PACK_TOKENS).
-
+where the prefix ends. Trees are sorted by length and batched, one tree per
+row, left-padded, up to BATCH_TOKENS padded tokens per forward, and the LM head
+runs only on the positions that score a continuation. Each row sees exactly the
+tokens a batch-1 forward of `context + continuation` sees, so only float
+rounding differs (~1e-5 in a loglikelihood). Where choices share a context this
+skips most of lm-eval's token-forwards; where they do not (BoolQ's one-token
+answers, LAMBADA) only the head on context positions is saved.
 Data: `load_task` reads the local layouts of shared/data (see its docstring), or
 the hub datasets lm-eval uses when HF `datasets` is installed and no directory is given.
 """
@@ -327,10 +327,10 @@ def load_task(name: str, tasks_dir: Path | None = None, limit: int | None = None
 
 
 # ---- scoring -------------------------------------------------------------------------------------
-# Tokens per packed forward. smollm2-135m on one CPU thread: one example per forward is ~1.3x
-# slower on ARC-Easy (short trees, small matmuls); 512 is no faster than 256 (the dense mask's
-# attention grows with the square of the length).
-PACK_TOKENS = 256
+# Padded tokens per batched forward. smollm2-135m, 2 threads: one 151-token row runs at ~560
+# tokens/s, 8 such rows at ~700; an 80-token row at ~470, 12 of them at ~690. (Before, trees were
+# packed into one sequence with a block-diagonal mask: ~490 tokens/s at 240 tokens.)
+BATCH_TOKENS = 2048
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -408,50 +408,70 @@ def _tree(pairs: Sequence[tuple[list[int], list[int]]], max_length: int) -> _Tre
     return _Tree(tokens, p, [(s, len(t)) for t, s in start.items()], reads)
 
 
-def _layout(trees: Sequence[_Tree]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """Pack trees into one sequence: token ids, position ids, additive attention mask, tree offsets."""
-    n = sum(len(t.tokens) for t in trees)
+def _tree_mask(t: _Tree) -> tuple[torch.Tensor, list[int]]:
+    """Which of tree t's tokens each token sees (n, n), and their position ids: the prefix is causal,
+    each tail sees the prefix and itself causally, and its positions go on from the prefix's end."""
+    n, p = len(t.tokens), t.prefix
     allowed = torch.zeros(n, n, dtype=torch.bool)
-    positions: list[int] = []
-    offsets: list[int] = []
-    o = 0
-    for t in trees:
+    allowed[:p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+    positions = list(range(p))
+    for s, k in t.tails:  # in token order
+        allowed[s : s + k, :p] = True
+        allowed[s : s + k, s : s + k] = torch.ones(k, k, dtype=torch.bool).tril()
+        positions.extend(range(p, p + k))
+    return allowed, positions
+
+
+def _batch(trees: Sequence[_Tree]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """One row per tree, left-padded to the longest: token ids and position ids (b, L), additive attention
+    mask (b, 1, L, L), and each row's padding length. Left padding ends every row at position L - 1, so the
+    positions read (the continuations, at a tree's end) line up across rows; padding sees only itself."""
+    L = max(len(t.tokens) for t in trees)
+    ids = torch.zeros(len(trees), L, dtype=torch.long)
+    positions = torch.zeros(len(trees), L, dtype=torch.long)
+    allowed = torch.eye(L, dtype=torch.bool).repeat(len(trees), 1, 1)
+    offsets = []
+    for r, t in enumerate(trees):
+        o = L - len(t.tokens)
+        a, pos = _tree_mask(t)
+        ids[r, o:], positions[r, o:], allowed[r, o:, o:] = torch.tensor(t.tokens), torch.tensor(pos), a
         offsets.append(o)
-        p = t.prefix
-        allowed[o : o + p, o : o + p] = torch.ones(p, p, dtype=torch.bool).tril()
-        positions.extend(range(p))
-        for s, k in t.tails:
-            allowed[o + s : o + s + k, o : o + p] = True
-            allowed[o + s : o + s + k, o + s : o + s + k] = torch.ones(k, k, dtype=torch.bool).tril()
-            positions.extend(range(p, p + k))
-        o += len(t.tokens)
-    ids = torch.tensor([tok for t in trees for tok in t.tokens])
-    mask = torch.zeros(n, n).masked_fill_(~allowed, torch.finfo(torch.float32).min)
-    return ids, torch.tensor(positions), mask, offsets
+    mask = torch.zeros(len(trees), 1, L, L).masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+    return ids, positions, mask, offsets
 
 
 @torch.inference_mode()
 def score_trees(model: nn.Module, trees: Sequence[_Tree]) -> list[list[tuple[float, bool]]]:
-    """(loglikelihood, is_greedy) of every row of every tree, in one forward pass.
+    """(loglikelihood, is_greedy) of every row of every tree, in one batched forward pass.
 
-    The trees are packed into one sequence whose attention mask lets each tail see only its own
-    prefix and itself; the LM head runs on the read positions only.
+    Each tree is one row of the batch, its attention mask letting each tail see only its prefix and
+    itself; the LM head runs on the read positions only (their union over the rows).
     """
-    ids, positions, mask, offsets = _layout(trees)
+    ids, positions, mask, offsets = _batch(trees)
     keep = sorted({o + j for t, o in zip(trees, offsets) for idx, _ in t.reads for j in idx})
-    row = {j: r for r, j in enumerate(keep)}
+    col = {j: c for c, j in enumerate(keep)}
     dtype = getattr(model, "dtype", torch.float32)
     mask = mask.to(dtype if dtype.is_floating_point else torch.float32)
-    logits = model(ids[None], attention_mask=mask[None, None], position_ids=positions[None], use_cache=False,
-                   logits_to_keep=torch.tensor(keep)).logits[0].float()  # (len(keep), vocab)
-    logp = torch.log_softmax(logits, dim=-1)
-    out = []
-    for t, o in zip(trees, offsets):
-        scores = []
+    logits = model(ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                   logits_to_keep=torch.tensor(keep)).logits  # (b, len(keep), vocab)
+    rows, cols, targets, spans = [], [], [], []
+    for r, (t, o) in enumerate(zip(trees, offsets)):
         for idx, cont in t.reads:
-            r, target = torch.tensor([row[o + j] for j in idx]), torch.tensor(cont)
-            ll = logp[r, target].double().sum().item()
-            scores.append((ll, bool((logits[r].argmax(-1) == target).all())))
+            spans.append((len(targets), len(cont)))
+            rows += [r] * len(idx)
+            cols += [col[o + j] for j in idx]
+            targets += cont
+    read = logits[torch.tensor(rows), torch.tensor(cols)].float()  # (reads, vocab)
+    target = torch.tensor(targets)
+    ll = torch.log_softmax(read, dim=-1)[torch.arange(len(targets)), target].double()
+    hit = read.argmax(-1) == target
+    out, k = [], 0
+    for t in trees:
+        scores = []
+        for _ in t.reads:
+            s, n = spans[k]
+            scores.append((ll[s : s + n].sum().item(), bool(hit[s : s + n].all())))
+            k += 1
         out.append(scores)
     return out
 
@@ -467,18 +487,21 @@ def score_choices(model: nn.Module, tokenizer, example: Example) -> list[tuple[f
 
 
 def score_examples(model: nn.Module, tokenizer, examples: Sequence[Example], description: str = "scoring",
-                   pack_tokens: int = PACK_TOKENS) -> list[list[tuple[float, bool]]]:
-    """score_choices for every example, packing consecutive examples up to `pack_tokens` per forward."""
-    out: list[list[tuple[float, bool]]] = []
-    pack: list[_Tree] = []
-    for ex in track(examples, description, total=len(examples)):
-        tree = _example_tree(model, tokenizer, ex)
-        if pack and sum(len(t.tokens) for t in pack) + len(tree.tokens) > pack_tokens:
-            out.extend(score_trees(model, pack))
-            pack = []
-        pack.append(tree)
-    if pack:
-        out.extend(score_trees(model, pack))
+                   batch_tokens: int = BATCH_TOKENS) -> list[list[tuple[float, bool]]]:
+    """score_choices for every example: their trees sorted by length, longest first (so the first batch
+    shows the peak memory), and batched up to `batch_tokens` padded tokens per forward."""
+    trees = [_example_tree(model, tokenizer, ex) for ex in examples]
+    order = sorted(range(len(trees)), key=lambda i: len(trees[i].tokens), reverse=True)
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * len(trees[batches[-1][0]].tokens) <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    out: list[list[tuple[float, bool]]] = [[] for _ in trees]
+    for batch in track(batches, f"{description} ({len(examples)} examples)"):
+        for i, scores in zip(batch, score_trees(model, [trees[i] for i in batch])):
+            out[i] = scores
     return out
 
 
