@@ -463,7 +463,7 @@ def score_trees(model: nn.Module, trees: Sequence[_Tree]) -> list[list[tuple[flo
             targets += cont
     read = logits[torch.tensor(rows), torch.tensor(cols)].float()  # (reads, vocab)
     target = torch.tensor(targets)
-    ll = torch.log_softmax(read, dim=-1)[torch.arange(len(targets)), target].double()
+    ll = (read[torch.arange(len(targets)), target] - torch.logsumexp(read, dim=-1)).double()  # log-softmax, unmaterialized
     hit = read.argmax(-1) == target
     out, k = [], 0
     for t in trees:
