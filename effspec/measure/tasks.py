@@ -454,10 +454,12 @@ def score_trees(model: nn.Module, trees: Sequence[_Tree]) -> list[list[tuple[flo
     mask = mask.to(dtype if dtype.is_floating_point else torch.float32)
     logits = model(ids, attention_mask=mask, position_ids=positions, use_cache=False,
                    logits_to_keep=torch.tensor(keep)).logits  # (b, len(keep), vocab)
-    rows, cols, targets, spans = [], [], [], []
+    rows, cols, targets = [], [], []
+    spans: list[list[tuple[int, int]]] = []  # per tree, per row: (start, length) of its reads in `targets`
     for r, (t, o) in enumerate(zip(trees, offsets)):
+        spans.append([])
         for idx, cont in t.reads:
-            spans.append((len(targets), len(cont)))
+            spans[-1].append((len(targets), len(cont)))
             rows += [r] * len(idx)
             cols += [col[o + j] for j in idx]
             targets += cont
@@ -465,15 +467,7 @@ def score_trees(model: nn.Module, trees: Sequence[_Tree]) -> list[list[tuple[flo
     target = torch.tensor(targets)
     ll = (read[torch.arange(len(targets)), target] - torch.logsumexp(read, dim=-1)).double()  # log-softmax, unmaterialized
     hit = read.argmax(-1) == target
-    out, k = [], 0
-    for t in trees:
-        scores = []
-        for _ in t.reads:
-            s, n = spans[k]
-            scores.append((ll[s : s + n].sum().item(), bool(hit[s : s + n].all())))
-            k += 1
-        out.append(scores)
-    return out
+    return [[(ll[s : s + n].sum().item(), bool(hit[s : s + n].all())) for s, n in tree] for tree in spans]
 
 
 def _example_tree(model: nn.Module, tokenizer, example: Example) -> _Tree:
