@@ -71,21 +71,37 @@ from effspec.generate import Decode, Generation, SamplingConfig, final_text, fir
 
 
 class PromptLookup:
-    """Propose the continuation of the latest earlier match of the last `max_ngram`..`min_ngram` tokens."""
+    """Propose the continuation of the latest earlier match of the last `max_ngram`..`min_ngram` tokens.
+
+    The n-grams seen so far are indexed (n-gram -> latest start that has a token after it) and the index
+    grows with the text, so a proposal is a few dictionary look-ups. Scanning a 1,100-token context
+    backwards for every round took ~1.4 ms, 4-5% of a decode step of smollm2-135m.
+    """
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self._seen: list[int] = []  # the text the index covers
+        self._latest: dict[tuple[int, ...], int] = {}
+
+    def _index(self, tokens: list[int]) -> None:
+        """Bring the index up to `tokens`: every n-gram that is followed by a token, at its latest start."""
+        old = len(self._seen)
+        if len(tokens) < old or tokens[:old] != self._seen:  # another text: start over
+            self._seen, self._latest, old = [], {}, 0
+        self._seen = list(tokens)
+        for end in range(max(old - 1, 0), len(tokens) - 1):  # n-grams ending at `end` gain their follower
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                if end + 1 >= n:
+                    self._latest[tuple(tokens[end + 1 - n:end + 1])] = end + 1 - n
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
+        self._index(tokens)
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
             if len(tokens) <= n:
                 continue
-            tail = tokens[-n:]
-            for start in range(len(tokens) - n - 1, -1, -1):  # latest match first, never the tail itself
-                if tokens[start:start + n] == tail:
-                    follow = tokens[start + n:start + n + k]
-                    if follow:
-                        return follow
+            start = self._latest.get(tuple(tokens[-n:]))
+            if start is not None:
+                return tokens[start + n:start + n + k]
         return []
 
 

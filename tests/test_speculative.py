@@ -174,3 +174,22 @@ def test_speculative_stop_strings_eos_and_streaming(spec):
         ended, _ = speculative_sampling(model, PROMPT, 40, draft, SamplingConfig(), eos_token_id=eos)
         assert ended.tokens.tolist() == plain[: plain.index(eos) + 1]
     assert seen == gen.tokens.tolist()
+
+
+def test_prompt_lookup_index_equals_a_backward_scan_as_the_text_grows():
+    """The indexed look-up proposes what a plain backward scan over the whole text proposes, round after round
+    of a growing text, and after the text is replaced by another."""
+    def scan(tokens, k, max_n=3, min_n=1):
+        for n in range(max_n, min_n - 1, -1):
+            if len(tokens) <= n:
+                continue
+            for start in range(len(tokens) - n - 1, -1, -1):
+                if tokens[start:start + n] == tokens[-n:]:
+                    return tokens[start + n:start + n + k]
+        return []
+
+    g = torch.Generator().manual_seed(0)
+    look = PromptLookup()
+    for text in (torch.randint(0, 6, (300,), generator=g).tolist(), torch.randint(0, 4, (120,), generator=g).tolist()):
+        for end in range(1, len(text) + 1, 3):  # grows by 1-3 tokens a round, as accepted tokens arrive
+            assert look.propose(text[:end], 5) == scan(text[:end], 5), end
