@@ -69,3 +69,27 @@ def test_bad_width_configs():
         step.apply(load_model("tiny-llama").model, step.config(ratio=0.2, heads_per_group=2), CALIB)
     with pytest.raises(ValueError, match="ratio"):
         step.config(ratio=0.95)
+
+
+def test_kept_ffn_channels_are_rounded_to_the_multiple():
+    """20% of smollm2-135m's block parameters is 1,126 of 1,536 channels kept; rounded to 16 it is 1,120, so the rows
+    of down_proj are whole cache lines. `channel_multiple: 1` keeps the exact count."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from effspec.steps.prune.prune_width import PruneWidthConfig, plan
+
+    def layer(i, o):
+        return nn.Linear(i, o, bias=False, device="meta")
+
+    attn = SimpleNamespace(head_dim=64, q_proj=layer(576, 576))
+    block = nn.Module()
+    block.attn = nn.ModuleList([layer(576, 576), layer(576, 192), layer(576, 192), layer(576, 576)])
+    block.mlp = nn.ModuleList([layer(576, 1536), layer(576, 1536), layer(1536, 576)])
+    block.self_attn, block.mlp.down_proj = attn, block.mlp[2]
+    model = SimpleNamespace(config=SimpleNamespace(num_key_value_heads=3, num_attention_heads=9),
+                            model=SimpleNamespace(layers=[block]))
+    assert plan(model, PruneWidthConfig(ratio=0.2)) == (3, 1120)
+    assert plan(model, PruneWidthConfig(ratio=0.2, channel_multiple=1)) == (3, 1126)
+    assert plan(model, PruneWidthConfig(ratio=0.2, channel_multiple=64)) == (3, 1152)

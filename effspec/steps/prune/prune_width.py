@@ -18,7 +18,12 @@ its matrices are physically smaller, so decode reads fewer bytes per token.
 
 `ratio` is the fraction of the blocks' linear parameters to remove;
 `heads_per_group` query heads per key/value group go first and FFN channels
-make up the rest.
+make up the rest. The FFN channels kept are rounded to a multiple of
+`channel_multiple` (16: one 64-byte cache line of float32), so every row of
+down_proj starts on a cache line. Measured on this CPU (1 thread, weights not in
+cache): a down_proj of 576 x 1127 read at 15.7 GB/s, 576 x 1120 and 576 x 1152 at
+26 GB/s; the unrounded 20% model of smollm2-135m (1,126 channels) decoded at
+1.02x float32.
 """
 
 from __future__ import annotations
@@ -41,10 +46,12 @@ log = logging.getLogger(__name__)
 class PruneWidthConfig:
     ratio: float = 0.2  # of the decoder blocks' linear parameters
     heads_per_group: int = 0  # query heads removed from every key/value group
+    channel_multiple: int = 16  # FFN channels kept: a multiple of this (1: exactly as `ratio` says)
 
     def __post_init__(self):
         expect(0.0 < self.ratio < 0.9, "ratio", self.ratio, "a fraction in (0, 0.9)")
         expect(self.heads_per_group >= 0, "heads_per_group", self.heads_per_group, "0 or more")
+        expect(self.channel_multiple >= 1, "channel_multiple", self.channel_multiple, "1 or more")
 
 
 def _check(model: nn.Module) -> list[nn.Module]:
@@ -119,7 +126,11 @@ def plan(model: nn.Module, cfg: PruneWidthConfig) -> tuple[int, int]:
     channels = max(0, round((target - removed_heads) / channel_params))
     if channels >= inter:
         raise UserError(f"prune-width: ratio={cfg.ratio} would remove all {inter} FFN channels")
-    return group - cfg.heads_per_group, inter - channels
+    kept, m = inter - channels, cfg.channel_multiple
+    rounded = round(kept / m) * m
+    if channels and 0 < rounded < inter:  # else the multiple is too coarse for this width: keep the exact count
+        kept = rounded
+    return group - cfg.heads_per_group, kept
 
 
 @register("prune-width", family="prune", stage="inference", config=PruneWidthConfig, calibration=True)
