@@ -41,15 +41,18 @@ Drafts (each `propose(tokens, k) -> list[int]`; a sampling draft also has
 
 Verify steps of up to 8 tokens run on the decoder's compiled path (float
 linears through `linear_rows`, as single decode steps do). The gain is bounded
-by the verify cost: at a ~1,000-token context on this CPU (AMD EPYC, 2 GHz,
-AVX2 executed 128 bits wide) one row of smollm2-135m float32 takes ~27 ms,
-bound by memory, and every further row ~8 ms of compute (5 rows: ~54 ms).
-`bench/decode.py --runs 1 --self-blocks 4` measured, 1 thread, 3 input-grounded
-prompts of ~1,100 tokens, 128 new tokens each: plain greedy 37.15 tok/s; prompt
-lookup 46.11 (1.24x, 47% of proposals accepted, output identical 3/3); the
-model's own first 4 of 30 blocks 0.60x (6% accepted); an 8-block drop-layers
-copy 0.51x (0%). transformers' `generate` on the same prompts: 14.25 tok/s
-plain, 15.02 with its prompt lookup.
+by the verify cost: at a ~1,100-token context on this CPU (AMD EPYC Zen 4, 1
+thread) one row of smollm2-135m float32 takes ~30 ms, bound by memory, and
+each further row costs compute: ~8-11 ms of linears and ~4 ms of attention.
+`bench/decode.py --sets grounded --methods es-plain,es-lookup --runs 3`, 3
+input-grounded prompts of ~1,100 tokens, 128 new tokens each, 47% of proposals
+accepted, output identical 3/3: 1 thread, plain 35.13 tok/s, lookup 41.26
+(1.17x); 2 threads, 40.99 and 54.59 (1.33x). Replaying those greedy outputs
+offline with a verify step costing 1 + c per extra row (c is ~0.3 here), this
+schedule would give 2.28x if extra rows were free, 1.99x at c = 0.05 and 1.78x
+at c = 0.1; an oracle that proposes exactly the right prefix of each lookup
+match gives 1.97x at c = 0.25. So 2x needs near-free verify rows and better
+proposals both.
 
 The draft length adapts to the running acceptance (`adaptive`): +1 after a
 fully accepted round, -1 after a rejection, within [1, k_max] -- the
