@@ -43,7 +43,8 @@ Verify steps of up to 8 tokens run on the decoder's compiled path (float
 linears through `linear_rows`, as single decode steps do). The gain is bounded
 by the verify cost: at a ~1,100-token context on this CPU (AMD EPYC Zen 4, 1
 thread) one row of smollm2-135m float32 takes ~30 ms, bound by memory, and
-each further row costs compute: ~8-11 ms of linears and ~4 ms of attention.
+each further row costs compute: ~8 ms of linears, ~4 ms of attention (profiled
+beside another job).
 `bench/decode.py --sets grounded --methods es-plain,es-lookup --runs 3`, 3
 input-grounded prompts of ~1,100 tokens, 128 new tokens each, 47% of proposals
 accepted, output identical 3/3: 1 thread, plain 35.13 tok/s, lookup 41.26
@@ -89,8 +90,8 @@ class PromptLookup:
     def _index(self, tokens: list[int]) -> None:
         """Bring the index up to `tokens`: every n-gram that is followed by a token, at its latest start."""
         old = len(self._seen)
-        if len(tokens) < old or tokens[:old] != self._seen:  # another text: start over
-            self._seen, self._latest, old = [], {}, 0
+        if tokens[:old] != self._seen:  # a shorter or another text: start over
+            self._latest, old = {}, 0
         self._seen = list(tokens)
         for end in range(max(old - 1, 0), len(tokens) - 1):  # n-grams ending at `end` gain their follower
             for n in range(self.min_ngram, self.max_ngram + 1):

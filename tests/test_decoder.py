@@ -164,7 +164,8 @@ def test_linear_rows_matches_f_linear_for_every_row_count():
     if ops is None:
         pytest.skip("no C++ compiler here")
     g = torch.Generator().manual_seed(5)
-    W, b = torch.randn(41, 37, generator=g), torch.randn(41, generator=g)  # K not a multiple of 8: the tail loop; N odd: a row outside the two-row tiles
+    # K not a multiple of 8: the tail loop; N odd: a row outside the two-row tiles
+    W, b = torch.randn(41, 37, generator=g), torch.randn(41, generator=g)
     for M in range(1, 9):
         x = torch.randn(M, 37, generator=g)
         assert torch.allclose(ops.linear_rows(x, W, b), torch.nn.functional.linear(x, W, b), atol=1e-5), M
