@@ -158,7 +158,7 @@ SETTINGS_TABLE: tuple[tuple[str, str, tuple | None], ...] = (
 # quantize.Setting types modifiers as a tuple: NO_PEER (None) is a marker it never needed
 SETTINGS = {name: Setting(name, steps, peer) for name, steps, peer in SETTINGS_TABLE}  # type: ignore[arg-type]
 # the calibrated methods again with effspec's calibration forwards in bf16, against the same llm-compressor rows
-for _name in ("wanda-50", "wanda-24", "sparsegpt-50", "sparsegpt-24"):
+for _name in ("wanda-50", "wanda-24", "wanda-48", "sparsegpt-50", "sparsegpt-24", "sparsegpt-48"):
     _s = SETTINGS[_name]
     SETTINGS[f"{_name}-bf16"] = bf16_variant(_s, _s.steps.replace("}}]", f", {BF16}}}}}]"))
 

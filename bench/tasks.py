@@ -64,6 +64,9 @@ the one table, each side's time summed over the runs that scored on it:
     python bench/tasks.py --tasks hellaswag --side effspec --skip-kld --out bench/results/t2.json
     python bench/tasks.py --tasks hellaswag --side lmeval --skip-kld --out bench/results/t3.json
     python bench/tasks.py --combine bench/results/t1.json bench/results/t2.json bench/results/t3.json
+
+`FILE:effspec` or `FILE:lmeval` takes one side of a run that scored both, e.g. to
+pair lm-eval's side of t1.json with a later effspec run of the same tasks.
 """
 
 from __future__ import annotations
@@ -123,8 +126,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--side", choices=SIDES, default="both",
                    help="score on both sides (default), or one; --combine joins one-side runs made at different times")
     p.add_argument("--skip-peer", action="store_true", help="effspec only (the same as --side effspec)")
-    p.add_argument("--combine", type=Path, nargs="+", default=None, metavar="JSON",
-                   help="score nothing: join earlier runs' JSON files into one table, each side's time summed over the runs")
+    p.add_argument("--combine", nargs="+", default=None, metavar="JSON[:SIDE]",
+                   help="score nothing: join earlier runs' JSON files into one table, each side's time summed over the runs; "
+                        "FILE:effspec or FILE:lmeval takes only that side of a file")
     p.add_argument("--skip-kld", action="store_true", help="no KL-divergence rows")
     p.add_argument("--check-prompts", action="store_true",
                    help="also compare every document's prompt, continuations and gold with lm-eval's own requests (untimed)")
@@ -591,7 +595,15 @@ def _render(lines: list[tuple]) -> str:
     return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines[1:]])
 
 
-def combine(paths: list[Path]) -> dict:
+def combine_source(arg: str) -> tuple[Path, tuple[str, ...]]:
+    """`FILE` (both sides it scored) or `FILE:effspec` / `FILE:lmeval` (that side only)."""
+    head, _, side = arg.rpartition(":")
+    if head and side in ("effspec", "lmeval"):
+        return Path(head), (side,)
+    return Path(arg), ("effspec", "lmeval")
+
+
+def combine(args: list[str]) -> dict:
     """One record from runs of this script made at different times, e.g. `--side effspec` in one
     session and `--side lmeval` in another, or one task per run.
 
@@ -601,8 +613,10 @@ def combine(paths: list[Path]) -> dict:
     still pays its own process start and model load. The runs must share model, limit, seed,
     threads and lm-eval batch size.
     """
-    records = []
-    for path in paths:
+    records, sides_of = [], {}
+    for arg in args:
+        path, sides = combine_source(arg)
+        sides_of[path] = sides
         try:
             rec = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
@@ -610,6 +624,9 @@ def combine(paths: list[Path]) -> dict:
         if rec.get("benchmark") != "tasks" or not any(r.get("kind") == "timing" for r in rec.get("rows", [])):
             raise ValueError(f"{path}: not a result file of bench/tasks.py")
         records.append((path, rec))
+    paths = [path for path, _ in records]
+    if len(set(paths)) != len(paths):
+        raise ValueError("a file is named twice; name it once, with or without a side")
     shared = ("model", "limit", "seed", "threads", "lmeval_batch_size")
     first = records[0][1]
     for path, rec in records[1:]:
@@ -624,7 +641,7 @@ def combine(paths: list[Path]) -> dict:
         for r in rec["rows"]:
             if r["kind"] not in ("task", "rolling"):
                 continue
-            for side in ("effspec", "lmeval"):
+            for side in sides_of[path]:
                 if r[f"n_{side}"] is None:
                     continue
                 if r["task"] in sources[side]:
@@ -635,6 +652,8 @@ def combine(paths: list[Path]) -> dict:
         for side in contributes:
             for k in ("wall_seconds", "cpu_seconds"):
                 timing[f"{side}_{k}"] = timing.get(f"{side}_{k}", 0.0) + (t.get(f"{side}_{k}") or 0.0)
+        if not contributes:
+            raise ValueError(f"{path} scored nothing on {' or '.join(sides_of[path])}'s side")
         timing["runs"].append({"file": path.name, "tasks": rec.get("tasks"), "sides": sorted(contributes),
                                "effspec_wall_seconds": t.get("effspec_wall_seconds"),
                                "lmeval_wall_seconds": t.get("lmeval_wall_seconds"), "load_average": t.get("load_average")})
