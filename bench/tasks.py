@@ -625,7 +625,7 @@ def combine(args: list[str]) -> dict:
             raise ValueError(f"{path}: not a result file of bench/tasks.py")
         records.append((path, rec))
     paths = [path for path, _ in records]
-    if len(set(paths)) != len(paths):
+    if len({path.resolve() for path in paths}) != len(paths):
         raise ValueError("a file is named twice; name it once, with or without a side")
     shared = ("model", "limit", "seed", "threads", "lmeval_batch_size")
     first = records[0][1]
@@ -649,14 +649,16 @@ def combine(args: list[str]) -> dict:
                                      f"and {path}; leave one of them out")
                 sources[side][r["task"]] = (path, r)
                 contributes.add(side)
+        if not contributes:
+            raise ValueError(f"{path} scored nothing on {' or '.join(sides_of[path])}'s side")
         for side in contributes:
             for k in ("wall_seconds", "cpu_seconds"):
                 timing[f"{side}_{k}"] = timing.get(f"{side}_{k}", 0.0) + (t.get(f"{side}_{k}") or 0.0)
-        if not contributes:
-            raise ValueError(f"{path} scored nothing on {' or '.join(sides_of[path])}'s side")
+        # a side left out of this file (FILE:SIDE) shows no time here, as it adds none to the sums
         timing["runs"].append({"file": path.name, "tasks": rec.get("tasks"), "sides": sorted(contributes),
-                               "effspec_wall_seconds": t.get("effspec_wall_seconds"),
-                               "lmeval_wall_seconds": t.get("lmeval_wall_seconds"), "load_average": t.get("load_average")})
+                               **{f"{side}_wall_seconds": t.get(f"{side}_wall_seconds") if side in contributes else None
+                                  for side in ("effspec", "lmeval")},
+                               "load_average": t.get("load_average")})
     names = [t for t in TASKS if t in sources["effspec"] or t in sources["lmeval"]]
     ours = {"tasks": {t: {"n": r["n_effspec"], **r["effspec"]} for t, (_, r) in sources["effspec"].items()}}
     peer = {"tasks": {t: {"n": r["n_lmeval"], **r["lmeval"]} for t, (_, r) in sources["lmeval"].items()}}

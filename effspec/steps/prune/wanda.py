@@ -15,8 +15,8 @@ Calibration goes block by block through `effspec.layerwise`, each block seeing
 the outputs of the already-pruned blocks before it, and one pass collects a
 whole block's statistics, as in the reference code (against llm-compressor's
 WandaPruningModifier, 16 x 2048 calibration, 4 eval windows: 4:8 102.68 vs
-102.66, but 2:4 225.9 vs 213.1, a gap not yet explained). `true_sequential: true` instead lets o_proj and down_proj see
-their pruned predecessors, one block pass per layer group: measured on
+102.66, but 2:4 225.9 vs 213.1, a gap not yet explained). `true_sequential:
+true` instead lets o_proj and down_proj see their pruned predecessors, one block pass per layer group: measured on
 smollm2 50% 42.67 against 42.92 one-pass, 2:4 158.6 against 149.2.
 
 `allocation: owl` prunes each decoder block to its own OWL sparsity (more
