@@ -29,7 +29,7 @@ are that setting's alone. The worker
    checkpoint reload to what oneshot produced?), then decode speed as
    effspec.measure.speed does it (128-token prompt, greedy, DynamicCache, one
    warm-up, median of `runs`) — the speed of the artifact a user deploys;
-   with `"prefill": true` in the spec (bench/prune.py), also prefill tokens/s
+   with `"prefill": true` in the spec (both benches ask), also prefill tokens/s
    of the tokens file's `prefill` window, as effspec.measure.speed times it.
 
 It writes `out` (JSON). An exception is caught and written as {"error": ...}
@@ -213,7 +213,7 @@ def run(spec: dict) -> dict:
     runs = [greedy_decode(model, tokens["prompt"], spec["new_tokens"]) for _ in range(spec["runs"])]
     out.update(decode_tokens_per_s=statistics.median(runs), decode_runs=runs, threads=torch.get_num_threads(),
                peak_rss_end_bytes=vm_hwm(), worker_seconds=time.perf_counter() - t_start)
-    if spec.get("prefill"):  # off unless asked: bench/quantize.py's rows stay as they were
+    if spec.get("prefill"):  # asked for by bench/quantize.py and bench/prune.py
         out["prefill_tokens_per_s"], out["prefill_runs"] = prefill_speed(model, tokens["prefill"], spec["runs"])
         out["prefill_tokens"] = int(tokens["prefill"].numel())
         out["worker_seconds"] = time.perf_counter() - t_start

@@ -218,26 +218,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # ---- shared inputs ---------------------------------------------------------------------------------------------
 def write_tokens(args: argparse.Namespace, path: Path) -> dict:
-    """bench/quantize.py's tokens file plus `prefill`, the first --prefill-tokens ids of the eval text; the protocol.
-
-    The prefill window starts where the prompt does, so decode and prefill read the same text on both sides.
-    """
-    import torch
-    from transformers import AutoTokenizer
-
-    from effspec.data import load_text, tokenize
-
+    """bench/quantize.py's tokens file (eval windows, prompt, prefill window, calibration ids); the protocol."""
     info = quantize.write_tokens(args, path)
-    tokens = torch.load(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir()))  # the tokenizer effspec's load_model uses
-    tokens["prefill"] = tokenize(tokenizer, load_text(args.data).eval_text)[: args.prefill_tokens].clone()
-    if tokens["prefill"].numel() < args.prefill_tokens:
-        raise ValueError(f"{args.data}: the eval text has {tokens['prefill'].numel()} tokens, fewer than "
-                         f"--prefill-tokens {args.prefill_tokens}")
-    torch.save(tokens, path)
     return {"model": MODEL, "data": str(args.data), "prompt_tokens": PROMPT_TOKENS,
-            **{flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _, _ in COUNTS},
-            **info, "prefill_digest": hashlib.sha256(tokens["prefill"].numpy().tobytes()).hexdigest()[:16]}
+            **{flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _, _ in COUNTS}, **info}
 
 
 # ---- effspec's side (this script again, in a subprocess) ----------------------------------------------------------
@@ -393,12 +377,9 @@ METRICS = (
 
 
 def comparisons(rows: list[dict]) -> list[dict]:
-    """bench/quantize.py's comparisons (both sides and their ratios per setting) plus prefill and whether a peer exists."""
+    """bench/quantize.py's comparisons (both sides and their ratios per setting) plus whether a peer exists."""
     comps = quantize.comparisons(rows, SETTINGS)
     for c in comps:
-        e, p = c["effspec"], c["llmcompressor"]
-        both = e.get("status") == "ok" and p.get("status") == "ok"
-        c["prefill_tokens_per_s_ratio"] = _ratio(e.get("prefill_tokens_per_s"), p.get("prefill_tokens_per_s")) if both else None
         c["peer"] = has_peer(c["setting"])
     return comps
 

@@ -38,6 +38,11 @@ Protocol, identical for both sides:
   checkpoint whose first-window perplexity does not match the in-memory model's.
 - Decode: batch 1, the first 128 tokens of wiki.test.raw as the prompt, 128
   greedy new tokens, one warm-up then the median of `--runs` (5).
+- Prefill: one forward of the first `--prefill-tokens` (2048) tokens of
+  wiki.test.raw, no cache, logits of the last position only; median of
+  `--runs` after a warm-up (effspec.measure.speed's rule, coded alike in the
+  peer's worker). This is where W8A8's integer matmuls pay: compare a W8A8
+  row's prefill with the float row's.
 - Threads: `--threads` (1) for both: OMP_NUM_THREADS / MKL_NUM_THREADS and
   torch.set_num_threads in every worker; llama.cpp gets the same count.
 - Each setting of each side runs in a fresh subprocess: compression wall time
@@ -94,7 +99,7 @@ PEER_INSTALL = (("torch==2.13.0",), ("llmcompressor==0.14.0.1",))
 # node-llama-cpp's JS API and its prebuilt linux-x64 llama.cpp (CPU variants, zen4 to haswell); --omit=optional
 # skips the CUDA and Vulkan builds, --ignore-scripts its postinstall (which would offer to build from source)
 LLAMACPP_INSTALL = ("node-llama-cpp@3.22.1", "@node-llama-cpp/linux-x64@3.22.1")
-PROMPT_TOKENS, NEW_TOKENS = 128, 128  # BENCHMARKS.md decode protocol
+PROMPT_TOKENS, NEW_TOKENS, PREFILL_TOKENS = 128, 128, 2048  # BENCHMARKS.md speed protocol
 TARGET_PPL_RATIO, TARGET_TIME_RATIO, TARGET_RSS_OVER_MODEL, TARGET_W4_SPEEDUP = 1.00, 0.5, 2 * 2**30, 2.0
 SIDES = ("effspec", "llmcompressor")
 
@@ -190,6 +195,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=5, help="timed decode runs after a warm-up, median (default 5)")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
                    help=f"greedy tokens per decode run (default {NEW_TOKENS}, the protocol; fewer for smoke runs)")
+    p.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS,
+                   help=f"tokens of the timed prefill window (default {PREFILL_TOKENS}, the protocol)")
     p.add_argument("--skip-peer", action="store_true", help="effspec only (no llm-compressor)")
     p.add_argument("--skip-llamacpp", action="store_true", help="no llama.cpp decode row")
     p.add_argument("--fresh", action="store_true", help="ignore rows cached in --out (e.g. after a code change)")
@@ -203,7 +210,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.effspec_worker is not None:
         return args
-    for name in ("threads", "windows", "seqlen", "calib_samples", "calib_seqlen", "runs", "new_tokens"):
+    for name in ("threads", "windows", "seqlen", "calib_samples", "calib_seqlen", "runs", "new_tokens", "prefill_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     wanted = [s.strip() for s in args.settings.split(",") if s.strip()]
@@ -216,7 +223,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # ---- shared inputs: eval windows, prompt and calibration ids, tokenized once ---------------------
 def write_tokens(args: argparse.Namespace, path: Path) -> dict:
-    """Tokenize the data once with effspec and save the windows, the prompt and the calibration ids for all sides."""
+    """Tokenize the data once with effspec and save the windows, the prompt, the prefill window and the calibration
+    ids for all sides; the protocol fields they define. The prefill window starts where the prompt does."""
     import torch
 
     from effspec.data import calibration_samples, calibration_tokens, eval_windows, load_text, tokenize
@@ -229,9 +237,15 @@ def write_tokens(args: argparse.Namespace, path: Path) -> dict:
     calib = calibration_samples(calibration_tokens(loaded.tokenizer, source, windows.numel()),
                                 args.calib_samples, args.calib_seqlen, seed=0)
     tokens = {"windows": windows, "prompt": ids[:PROMPT_TOKENS].clone(), "calib": calib}
-    torch.save(tokens, path)
     digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in tokens.values())).hexdigest()[:16]
-    return {"tokens_digest": digest, "eval_tokens": int(windows.numel()), "calib_tokens": int(calib.numel())}
+    tokens["prefill"] = ids[: args.prefill_tokens].clone()
+    if tokens["prefill"].numel() < args.prefill_tokens:
+        raise ValueError(f"{args.data}: the eval text has {tokens['prefill'].numel()} tokens, fewer than "
+                         f"--prefill-tokens {args.prefill_tokens}")
+    torch.save(tokens, path)
+    return {"tokens_digest": digest, "eval_tokens": int(windows.numel()), "calib_tokens": int(calib.numel()),
+            "prefill_tokens": args.prefill_tokens,
+            "prefill_digest": hashlib.sha256(tokens["prefill"].numpy().tobytes()).hexdigest()[:16]}
 
 
 def model_dir() -> Path:
@@ -257,7 +271,6 @@ def thread_env(threads: int) -> dict[str, str]:
 # ---- effspec's side (this script again, in a subprocess) ---------------------------------------------
 def effspec_worker(spec_path: Path) -> int:
     """Subprocess body: load, apply the steps on the shared calibration ids (timed), measure, write JSON."""
-    import statistics
     import traceback
 
     spec = json.loads(spec_path.read_text())
@@ -267,7 +280,6 @@ def effspec_worker(spec_path: Path) -> int:
         import torch
 
         torch.set_num_threads(spec["threads"])
-        from effspec.generate import greedy
         from effspec.measure.memory import peak_rss_bytes
         from effspec.measure.perplexity import perplexity
         from effspec.measure.size import size
@@ -294,11 +306,13 @@ def effspec_worker(spec_path: Path) -> int:
         t0 = time.perf_counter()
         p = perplexity(model, tokens["windows"])
         out.update(perplexity=p.perplexity, eval_tokens=p.eval_tokens, eval_seconds=time.perf_counter() - t0)
-        greedy(model, tokens["prompt"], spec["new_tokens"])  # warm-up
-        runs = [greedy(model, tokens["prompt"], spec["new_tokens"]).decode_tokens_per_s for _ in range(spec["runs"])]
+        from effspec.measure.speed import speed
         from effspec.pipeline import environment
 
-        out.update(decode_tokens_per_s=statistics.median(runs), decode_runs=runs, threads=torch.get_num_threads(),
+        sp = speed(model, tokens["prefill"], prompt_tokens=PROMPT_TOKENS, new_tokens=spec["new_tokens"],
+                   prefill_tokens=tokens["prefill"].numel(), runs=spec["runs"])
+        out.update(decode_tokens_per_s=sp.decode_tokens_per_s, prefill_tokens_per_s=sp.prefill_tokens_per_s,
+                   prefill_tokens=sp.prefill_tokens, threads=sp.threads,
                    peak_rss_end_bytes=peak_rss_bytes(), worker_seconds=time.perf_counter() - t_start,
                    versions={k: v for k, v in environment().items() if k in ("effspec", "torch", "transformers")})
         code = 0
@@ -501,7 +515,8 @@ def comparisons(rows: list[dict], settings: dict[str, Setting] | None = None) ->
         e, p = by.get((name, "effspec"), {}), by.get((peer, "llmcompressor"), {})
         ok_e, ok_p = e.get("status") == "ok", p.get("status") == "ok"
         c = {"setting": name, "effspec": e, "llmcompressor": p}
-        for metric in ("perplexity", "compress_seconds", "peak_rss_bytes", "stored_bytes", "decode_tokens_per_s"):
+        for metric in ("perplexity", "compress_seconds", "peak_rss_bytes", "stored_bytes", "decode_tokens_per_s",
+                       "prefill_tokens_per_s"):
             c[f"{metric}_ratio"] = _ratio(e.get(metric), p.get(metric)) if ok_e and ok_p else None
         if name == "float":
             c["compress_seconds_ratio"] = None
@@ -523,7 +538,8 @@ def _status(r: dict) -> str:
 
 def table(comps: list[dict]) -> str:
     header = ("setting", "ppl effspec", "ppl llmc", "ratio", "compress s effspec", "llmc", "ratio",
-              "peak RSS MB effspec", "llmc", "stored MB effspec", "llmc", "decode tok/s effspec", "llmc", "ratio")
+              "peak RSS MB effspec", "llmc", "stored MB effspec", "llmc", "decode tok/s effspec", "llmc", "ratio",
+              "prefill tok/s effspec", "llmc", "ratio")
     lines = [header]
     notes = []
     for c in comps:
@@ -533,7 +549,9 @@ def table(comps: list[dict]) -> str:
                       _f(c["compress_seconds_ratio"], ".3f"),
                       _f(e.get("peak_rss_bytes"), ".0f", 1e-6), _f(p.get("peak_rss_bytes"), ".0f", 1e-6),
                       _f(e.get("stored_bytes"), ".1f", 1e-6), _f(p.get("stored_bytes"), ".1f", 1e-6),
-                      _f(e.get("decode_tokens_per_s")), _f(p.get("decode_tokens_per_s")), _f(c["decode_tokens_per_s_ratio"])))
+                      _f(e.get("decode_tokens_per_s")), _f(p.get("decode_tokens_per_s")), _f(c["decode_tokens_per_s_ratio"]),
+                      _f(e.get("prefill_tokens_per_s"), ".1f"), _f(p.get("prefill_tokens_per_s"), ".1f"),
+                      _f(c["prefill_tokens_per_s_ratio"])))
         for side, r in (("effspec", e), ("llm-compressor", p)):
             if _status(r):
                 notes.append(f"  {c['setting']} [{side}]: {_status(r)}")
@@ -583,6 +601,13 @@ def verdicts(comps: list[dict], rows: list[dict]) -> list[str]:
             parts.append(f"{w4['decode_tokens_per_s'] / lc['decode_tokens_per_s']:.2f}x llama.cpp Q4_1 "
                          f"({lc['decode_tokens_per_s']:.2f} tok/s)")
         out.append(", ".join(parts))
+    for name in ("smoothquant-w8a8", "w8a8"):
+        w8 = by.get((name, "effspec"))
+        if w8 and fl and w8.get("prefill_tokens_per_s") and fl.get("prefill_tokens_per_s"):
+            out.append(f"{name} prefill {w8['prefill_tokens_per_s']:.1f} tok/s, "
+                       f"{w8['prefill_tokens_per_s'] / fl['prefill_tokens_per_s']:.2f}x effspec float32 "
+                       f"({fl['prefill_tokens_per_s']:.1f}); perplexity {w8['perplexity'] / fl['perplexity'] - 1:+.2%} "
+                       "against float32 (target within 2%)")
     return out
 
 
@@ -628,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
             except PeerUnavailable as e:
                 peer_error = f"peer unavailable: {e}"
                 log.error("%s", peer_error)
-        base = {"tokens": str(tokens_path), "threads": args.threads, "runs": args.runs, "new_tokens": args.new_tokens}
+        base = {"tokens": str(tokens_path), "threads": args.threads, "runs": args.runs, "new_tokens": args.new_tokens,
+            "prefill": True}
         for name in args.settings:
             setting = SETTINGS[name]
             for side in SIDES:
