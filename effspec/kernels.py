@@ -443,6 +443,75 @@ torch::Tensor linear_rows(torch::Tensor x, torch::Tensor w, torch::Tensor bias) 
   }
   return y;
 }
+
+// ---- W8A8 at few rows (effspec.steps.quantize.w8a8): y = (q(x) . W_q[n]) * s_w[n] * s_x + b[n] ----------
+// q(x) = round(x / s_x) in [-127, 127], s_x = max|x| / 127 per row (1 for an all-zero row); the dot products
+// are exact int32 sums. The float steps are the torch path's, in its order, compiled without fast-math and
+// without FMA contraction, so the outputs equal the oneDNN / _int_mm path's bitwise.
+__attribute__((noinline, optimize("no-fast-math", "fp-contract=off")))
+static float quantize_row_i8(const float* x, int64_t K, int8_t* q) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  float s = amax / 127.f;
+  if (!(s > 0.f)) s = 1.f;
+  for (int64_t k = 0; k < K; ++k) q[k] = (int8_t)std::min(127.f, std::max(-127.f, std::nearbyint(x[k] / s)));
+  return s;
+}
+
+__attribute__((noinline, optimize("no-fast-math", "fp-contract=off")))
+static float rescale(int32_t acc, float sw, float sx, const float* b) {
+  const float v = (float)acc * sw;
+  const float u = v * sx;
+  return b ? u + *b : u;
+}
+
+// sum_k a[k] w[k] for int8 a, w in [-127, 127]: |a| (u8) times w with a's sign (s8), so byte pairs sum to
+// at most 2 * 127 * 127 < 2^15 and vpmaddubsw never saturates; one vpdpbusd where AVX512-VNNI has it.
+static inline int32_t dot_i8(const int8_t* a, const int8_t* w, int64_t K) {
+  int64_t k = 0;
+  int32_t acc = 0;
+#if defined(__AVX2__)
+  __m256i s = _mm256_setzero_si256();
+  for (; k + 32 <= K; k += 32) {
+    const __m256i av = _mm256_loadu_si256((const __m256i*)(a + k)), wv = _mm256_loadu_si256((const __m256i*)(w + k));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    s = _mm256_dpbusd_epi32(s, _mm256_abs_epi8(av), _mm256_sign_epi8(wv, av));
+#else
+    s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(av), _mm256_sign_epi8(wv, av)),
+                                              _mm256_set1_epi16(1)));
+#endif
+  }
+  __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+  acc = _mm_cvtsi128_si32(h);
+#endif
+  for (; k < K; ++k) acc += (int32_t)a[k] * (int32_t)w[k];
+  return acc;
+}
+
+torch::Tensor w8a8_rows(torch::Tensor x, torch::Tensor wq, torch::Tensor sw, torch::Tensor bias) {
+  const int64_t N = wq.size(0), K = wq.size(1), M = x.numel() / K;
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.size(-1) == K && M >= 1
+              && wq.scalar_type() == torch::kChar && wq.is_contiguous() && sw.scalar_type() == torch::kFloat
+              && sw.is_contiguous() && sw.numel() == N, "w8a8_rows: contiguous float32 x (..., K), int8 (N, K), float32 (N,)");
+  std::vector<int8_t> q(M * K);
+  std::vector<float> sx(M);
+  const float* X = x.data_ptr<float>();
+  for (int64_t r = 0; r < M; ++r) sx[r] = quantize_row_i8(X + r * K, K, q.data() + r * K);
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  auto y = torch::empty(shape, x.options());
+  const int8_t* W = wq.data_ptr<int8_t>();
+  const float *S = sw.data_ptr<float>(), *B = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t r = 0; r < M; ++r)
+        Y[r * N + n] = rescale(dot_i8(q.data() + r * K, W + n * K, K), S[n], sx[r], B ? B + n : nullptr);
+  });
+  return y;
+}
 """
 
 _DECLS = """
@@ -453,6 +522,7 @@ torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u);
 torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
                           torch::Tensor kcache, torch::Tensor vcache, int64_t start, double scale);
 torch::Tensor linear_rows(torch::Tensor x, torch::Tensor w, torch::Tensor bias);
+torch::Tensor w8a8_rows(torch::Tensor x, torch::Tensor wq, torch::Tensor sw, torch::Tensor bias);
 """
 
 # "int8" (default): activations rounded to int8 per 32 columns, as llama.cpp does; "float": exact float32
@@ -471,7 +541,8 @@ def _module():
         from torch.utils.cpp_extension import load_inline
 
         log.info("effspec: loading the low-bit C++ kernels (built on first use per machine, about a minute)")
-        return load_inline(name="effspec_lowbit_v14", cpp_sources=[_DECLS, _SOURCE], functions=["lowbit_linear", "rms_norm", "silu_mul", "rope_attend", "linear_rows"],
+        return load_inline(name="effspec_lowbit_v15", cpp_sources=[_DECLS, _SOURCE],
+                           functions=["lowbit_linear", "rms_norm", "silu_mul", "rope_attend", "linear_rows", "w8a8_rows"],
                            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache...: the other paths still work
@@ -502,5 +573,6 @@ def lowbit_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, min
 
 
 def decode_ops():
-    """The compiled decode-step helpers (`rms_norm`, `silu_mul`, `rope_attend`, `linear_rows`), or None without a compiler."""
+    """The compiled decode-step helpers (`rms_norm`, `silu_mul`, `rope_attend`, `linear_rows`, `w8a8_rows`), or None
+    without a compiler."""
     return _module()

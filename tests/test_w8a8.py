@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from effspec import kernels
 from effspec.config import ConfigError
 from effspec.measure.size import size
 from effspec.models import load_model, save_model
@@ -62,6 +63,27 @@ def test_backends_are_exact_on_extreme_codes():
     for backend in available_backends():
         with use_backend(backend):
             assert rel_err(layer(X), expected) < 1e-6, backend
+    assert rel_err(layer(X), expected) < 1e-6  # 4 rows: the few-row kernel where it is compiled
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for effspec.kernels")
+@pytest.mark.parametrize("rows,n_in", [(1, 96), (3, 64), (8, 33), (2, 576)])
+def test_few_row_kernel_equals_every_backend_bitwise(rows, n_in):
+    """Decode-sized inputs take `w8a8_rows`; prefill takes a backend's GEMM: both must give the same floats."""
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(n_in, 40)
+    layer = W8A8Linear.from_linear(linear)
+    x = torch.randn(rows, n_in) * 3
+    x[-1, : n_in // 3] *= 50  # outlier columns: small codes elsewhere in that row
+    if rows > 1:
+        x[0] = 0  # an all-zero row: scale 1, output the bias
+    direct = kernels.decode_ops().w8a8_rows(x, layer.qweight, layer.scales.float(), linear.bias.detach())
+    assert torch.equal(layer(x), direct)
+    for backend in available_backends():
+        with use_backend(backend):
+            assert torch.equal(layer(x), direct), backend
+    expected, _ = reference_w8a8(x[-1:], linear.weight.detach(), linear.bias.detach())
+    assert rel_err(direct[-1:], expected) < 1e-6
 
 
 def test_w8a8_layer_stores_int8_bytes():

@@ -17,24 +17,32 @@ weight) and one scale per output channel (float16, float32 if out of range).
 
 The integer matmul. `torch._int_mm` on CPU computes exactly on any shape (no
 CUDA-style rows > 16 / multiple-of-8 rules: checked from 1 row and odd widths
-up), but on a CPU without AVX512-VNNI (this machine: AVX2) it never reaches
-oneDNN (ONEDNN_VERBOSE shows no primitive) and runs a plain loop, measured
-15-20x slower than a float32 matmul of the same shape (2048x576 @ 576x1536,
-1 thread). oneDNN's u8 x s8 -> s32 GEMM (`torch.ops.onednn.qlinear_pointwise`,
-the op torch's inductor lowers int8 linears to) is vectorized everywhere, but
-without VNNI it multiplies byte pairs into saturating int16 sums (x86
+up). oneDNN's u8 x s8 -> s32 GEMM (`torch.ops.onednn.qlinear_pointwise`, the
+op torch's inductor lowers int8 linears to) is vectorized everywhere, but
+without AVX512-VNNI it multiplies byte pairs into saturating int16 sums (x86
 `vpmaddubsw`): u8 codes up to 255 times s8 up to 127 overflow. So, by backend:
 
-- "onednn": one u8 GEMM on X_q + 128 with input zero point 128, used only where a
+- "onednn": one u8 GEMM on X_q + 128 with input zero point 128, used where a
   probe shows full-range sums are exact (VNNI CPUs).
 - "onednn-split": X_q = X+ - X- with X+, X- = max(+-X_q, 0) in [0, 127], computed as
   one u8 GEMM [X+, X-] @ [W_q, -W_q]^T over 2 * in columns: every byte pair sums
   to at most 2 * 127 * 127 = 32258 < 2^15, so it is exact whatever the int8
-  instructions, at twice the multiply-adds. The default where the probe fails
-  (this machine). On AVX2 it measured ~2x slower than float32 at prefill shapes
-  (2048x576 @ 576x1536, 1 thread: 546 vs 278 ms); even one saturating u8 GEMM
-  of the same shape only matched float32, so without VNNI int8 buys bytes, not time.
-- "int_mm": `torch._int_mm(X_q, W_q^T)`; exact, portable, slow without VNNI.
+  instructions, at twice the multiply-adds. The default where the probe fails.
+- "int_mm": `torch._int_mm(X_q, W_q^T)`; exact, portable.
+
+Measured at a prefill shape (2048x576 @ 576x1536, 1 thread, best of 5):
+- Zen 4 (AVX512-VNNI; the probe passes): float32 41.6 ms, bf16 18.3 ms,
+  "onednn" 10.5 ms (11.7 ms with the per-token quantization of X),
+  "onednn-split" 18.9 ms, "int_mm" 11.1 ms. int8 prefill is ~3.5x float32.
+- An earlier AVX2 machine without VNNI: "onednn-split" 546 ms against float32's
+  278 ms, and `_int_mm` 15-20x slower than float32 (a plain loop; oneDNN is not
+  reached). There, int8 buys bytes, not time.
+At a few rows (decode, a speculative verify) the per-call overheads of that
+path (quantizing X in ~8 torch ops, the oneDNN call) are not amortized: W8A8
+decoded at about half the speed of effspec's float32 path. Up to FEW_ROWS rows
+the layer therefore calls effspec.kernels' `w8a8_rows` instead: the same
+quantizer and exact int32 dot products in one compiled call, equal to the
+backends' outputs bitwise (tested), unless a backend is forced.
 
 oneDNN returns float32 (int32 sum converted, times s_w fused), so outputs equal
 the int64 reference to float32 rounding. Backend operands are built on first
@@ -52,6 +60,7 @@ from typing import Iterator, cast
 import torch
 from torch import nn
 
+from effspec import kernels
 from effspec.config import expect
 from effspec.layers import PACKED_LAYERS
 from effspec.progress import track
@@ -63,6 +72,7 @@ log = logging.getLogger(__name__)
 
 QMAX = 127  # symmetric int8 codes in [-127, 127] (SmoothQuant / LLM.int8() reference quantizers)
 BACKENDS = ("onednn", "onednn-split", "int_mm")
+FEW_ROWS = 8  # up to this many rows (tokens), the compiled w8a8_rows kernel; more, the backend's GEMM
 _forced_backend: str | None = None
 
 
@@ -214,10 +224,16 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        X_q, s_x = quantize_per_token(x.reshape(-1, shape[-1]).float())
-        y = self.matmul()(X_q) * s_x
-        if self.bias is not None:
-            y = y + self.bias
+        X = x.reshape(-1, shape[-1]).float()
+        mm = self.matmul()
+        ops = kernels.decode_ops() if X.shape[0] <= FEW_ROWS and _forced_backend is None else None
+        if ops is not None:
+            y = ops.w8a8_rows(X.contiguous(), self.qweight, mm.s_w, kernels.EMPTY if self.bias is None else self.bias)
+        else:
+            X_q, s_x = quantize_per_token(X)
+            y = mm(X_q) * s_x
+            if self.bias is not None:
+                y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
