@@ -226,7 +226,7 @@ class W8A8Linear(nn.Module):
         shape = x.shape
         X = x.reshape(-1, shape[-1]).float()
         mm = self.matmul()
-        ops = kernels.decode_ops() if X.shape[0] <= FEW_ROWS and _forced_backend is None else None
+        ops = kernels.decode_ops() if 0 < X.shape[0] <= FEW_ROWS and _forced_backend is None else None
         if ops is not None:
             y = ops.w8a8_rows(X.contiguous(), self.qweight, mm.s_w, kernels.EMPTY if self.bias is None else self.bias)
         else:
