@@ -67,7 +67,6 @@ within a run, not seconds across runs.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
