@@ -87,6 +87,25 @@ def test_few_row_kernel_equals_every_backend_bitwise(rows, n_in):
     assert layer(x[:0]).shape == (0, 40)  # no rows: the backend's path, not the kernel's
 
 
+@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for effspec.kernels")
+def test_few_rows_take_the_kernel_and_more_rows_the_gemm(monkeypatch):
+    """The bitwise test above cannot tell which path ran; this one counts the kernel's calls."""
+    calls, real = [], kernels.decode_ops()
+
+    class Counting:
+        def w8a8_rows(self, *args):
+            calls.append(args[0].shape[0])
+            return real.w8a8_rows(*args)
+
+    monkeypatch.setattr(w8a8.kernels, "decode_ops", lambda: Counting())
+    layer = W8A8Linear.from_linear(torch.nn.Linear(64, 16))
+    for rows in (1, w8a8.FEW_ROWS, w8a8.FEW_ROWS + 1, 0):
+        layer(torch.randn(rows, 64))
+    with use_backend(available_backends()[-1]):
+        layer(torch.randn(1, 64))  # a forced backend is used as forced
+    assert calls == [1, w8a8.FEW_ROWS]
+
+
 def test_w8a8_layer_stores_int8_bytes():
     layer = W8A8Linear.from_linear(torch.nn.Linear(96, 40, bias=False))
     assert sum(t.numel() * t.element_size() for t in layer.state_dict().values()) == 96 * 40 + 40 * 2
