@@ -51,7 +51,10 @@ both sides run, compression time ratio <= 0.5; Wanda and SparseGPT at 50% and
 at 2:4 each well below magnitude at the same sparsity (read here as perplexity
 under 0.8x magnitude's, `TARGET_BELOW_MAGNITUDE`); SparseGPT 2:4 below Wanda
 2:4; ASVD below SVD at each ratio (at equal parameter count); prune-width 20%
-decoding >= 1.15x effspec float32's tokens/s.
+decoding >= 1.15x effspec float32's tokens/s. A perplexity ratio is one draw
+where the result is chaotic: Wanda 2:4 on smollm2 gave 203-232 over six runs
+whose column norms differed by a relative 1e-5, and llm-compressor's 213.1
+falls inside (effspec/steps/prune/wanda.py).
 
 Rows are cached in `--out` keyed by the protocol and the setting's definition
 (not by the code: `--fresh` after code changes) and written after every row.

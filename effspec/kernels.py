@@ -305,14 +305,105 @@ torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u) {
   return y;
 }
 
+// Softmax of one query's scores p[0..n) in place, divided by their sum. Never inlined, so every query runs
+// this same code: a query's weights then do not depend on how many queries shared its pass (a verify step's
+// row equals the decode step of that token).
+__attribute__((noinline)) static void softmax_row(float* p, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, p[j]);
+  float z = 0.f;
+  for (int64_t j = 0; j < n; ++j) z += (p[j] = std::exp(p[j] - m));
+  const float r = 1.f / z;
+  for (int64_t j = 0; j < n; ++j) p[j] *= r;
+}
+
+// One key/value head against NQ (<= 3) of its queries -- query heads of the group, at one or more new
+// positions: each key row and value row is read once for all of them instead of once per query. Scores:
+// per key, each query's dot product in two interleaved FMA chains (one chain was bound by FMA latency;
+// holding the key's 64 columns in registers for all queries measured no faster).
+// Weighted values: 16 output columns of every query in registers per pass over a block of 64 value rows
+// (16 KB, so the block's four passes after the first read it from L1; accumulating in memory was bound by
+// store-to-load forwarding). Per query the arithmetic is the same whatever NQ is --
+// explicit intrinsics, compiled without fast-math -- so a verify row equals the decode step of its token.
+// P (NQ, stride) holds the scores, then the weights; query c sees keys 0..last[c], later keys weigh 0.
+#if defined(__AVX2__) && defined(__FMA__)
+template <int NQ>
+__attribute__((noinline, optimize("no-fast-math")))
+static void attend_group(const float* const* qs, const float* K, const float* V, const int64_t* last, int64_t n,
+                         int64_t d, float scale, float* P, int64_t stride, float* const* outs) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* k = K + j * d;
+    for (int c = 0; c < NQ; ++c) {
+      const float* q = qs[c];
+      __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+      __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), _mm256_loadu_ps(k + 8));
+      for (int64_t i = 16; i < d; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), a1);
+      }
+      a0 = _mm256_add_ps(a0, a1);  // then the 8 lanes summed, in one fixed order
+      __m128 x = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+      x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+      P[c * stride + j] = _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x))) * scale;
+    }
+  }
+  for (int c = 0; c < NQ; ++c) {
+    softmax_row(P + c * stride, last[c] + 1);
+    std::fill(P + c * stride + last[c] + 1, P + c * stride + n, 0.f);
+  }
+  for (int c = 0; c < NQ; ++c) std::fill(outs[c], outs[c] + d, 0.f);
+  for (int64_t j0 = 0; j0 < n; j0 += 64) {
+    const int64_t j1 = std::min<int64_t>(n, j0 + 64);
+    for (int64_t i = 0; i < d; i += 16) {
+      __m256 o[NQ][2];
+      for (int c = 0; c < NQ; ++c) o[c][0] = _mm256_loadu_ps(outs[c] + i), o[c][1] = _mm256_loadu_ps(outs[c] + i + 8);
+      for (int64_t j = j0; j < j1; ++j) {
+        const __m256 v0 = _mm256_loadu_ps(V + j * d + i), v1 = _mm256_loadu_ps(V + j * d + i + 8);
+        for (int c = 0; c < NQ; ++c) {
+          const __m256 w = _mm256_broadcast_ss(P + c * stride + j);
+          o[c][0] = _mm256_fmadd_ps(w, v0, o[c][0]);
+          o[c][1] = _mm256_fmadd_ps(w, v1, o[c][1]);
+        }
+      }
+      for (int c = 0; c < NQ; ++c) _mm256_storeu_ps(outs[c] + i, o[c][0]), _mm256_storeu_ps(outs[c] + i + 8, o[c][1]);
+    }
+  }
+}
+
+static void attend_queries(const float* const* qs, const float* K, const float* V, const int64_t* last, int64_t nq,
+                           int64_t n, int64_t d, float scale, float* P, int64_t stride, float* const* outs) {
+  for (int64_t c0 = 0; c0 < nq; c0 += 3) {
+    switch (std::min<int64_t>(3, nq - c0)) {
+      case 1: attend_group<1>(qs + c0, K, V, last + c0, n, d, scale, P, stride, outs + c0); break;
+      case 2: attend_group<2>(qs + c0, K, V, last + c0, n, d, scale, P, stride, outs + c0); break;
+      default: attend_group<3>(qs + c0, K, V, last + c0, n, d, scale, P, stride, outs + c0); break;
+    }
+  }
+}
+#endif
+
+// The portable form: one query at a time, the same rule (scores, softmax_row, weighted sum of values).
+static void attend_one(const float* q, const float* K, const float* V, int64_t n, int64_t d, float scale, float* p,
+                       float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    float s = 0.f;
+    for (int64_t i = 0; i < d; ++i) s += q[i] * K[j * d + i];
+    p[j] = s * scale;
+  }
+  softmax_row(p, n);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < d; ++i) out[i] += p[j] * V[j * d + i];
+}
+
 // T new positions start..start+T-1 (a decode step, or a short speculative verify): RoPE (transformers'
 // half-split form) on q (T, H*d) and k (T, KV*d) with table rows cos/sin (T, d); k and v written into
 // the block's caches (KV, max_len, d); then query t of every head attends causally over positions
-// 0..start+t of its key/value head (GQA: H/KV query heads share one). Returns (T, H*d).
+// 0..start+t of its key/value head (GQA: H/KV query heads share one). Returns (T, H*d). Key/value heads
+// are split across threads.
 torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
                           torch::Tensor kcache, torch::Tensor vcache, int64_t start, double scale) {
   const int64_t d = cos.size(-1), T = cos.numel() / d, H = q.numel() / (T * d), KV = k.numel() / (T * d);
-  const int64_t L = kcache.size(1), half = d / 2;
+  const int64_t L = kcache.size(1), half = d / 2, G = H / KV, n = start + T;
   TORCH_CHECK(kcache.is_contiguous() && vcache.is_contiguous() && start + T <= L && q.is_contiguous()
               && k.is_contiguous() && v.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
               "rope_attend: contiguous float32 inputs, positions inside the cache");
@@ -326,7 +417,7 @@ torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
   };
   auto o = torch::zeros({T, H * d}, q.options());
   float* O = o.data_ptr<float>();
-  std::vector<float> qr(d), p(start + T);
+  std::vector<float> qr(T * H * d);
   for (int64_t t = 0; t < T; ++t) {
     const int64_t pos = start + t;
     const float *C = cos.data_ptr<float>() + t * d, *S = sin.data_ptr<float>() + t * d;
@@ -334,27 +425,32 @@ torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
       rope(Kn + (t * KV + h) * d, C, S, KC + (h * L + pos) * d);
       std::copy(Vn + (t * KV + h) * d, Vn + (t * KV + h + 1) * d, VC + (h * L + pos) * d);
     }
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t kv = h / (H / KV);
-      rope(Q + (t * H + h) * d, C, S, qr.data());
-      const float* Kh = KC + kv * L * d;
-      float m = -INFINITY;
-      for (int64_t j = 0; j <= pos; ++j) {
-        float s = 0.f;
-        for (int64_t i = 0; i < d; ++i) s += qr[i] * Kh[j * d + i];
-        p[j] = s * (float)scale;
-        m = std::max(m, p[j]);
-      }
-      float z = 0.f;
-      for (int64_t j = 0; j <= pos; ++j) z += (p[j] = std::exp(p[j] - m));
-      const float* Vh = VC + kv * L * d;
-      float* Oh = O + (t * H + h) * d;
-      for (int64_t j = 0; j <= pos; ++j) {
-        const float pj = p[j] / z;
-        for (int64_t i = 0; i < d; ++i) Oh[i] += pj * Vh[j * d + i];
-      }
-    }
+    for (int64_t h = 0; h < H; ++h) rope(Q + (t * H + h) * d, C, S, qr.data() + (t * H + h) * d);
   }
+  const int64_t stride = (n + 15) / 16 * 16;  // every query's score row starts 64-byte aligned alike
+  at::parallel_for(0, KV, 1, [&](int64_t kv0, int64_t kv1) {
+    auto P = torch::empty({G * T, stride}, q.options());  // torch's allocations are 64-byte aligned
+    std::vector<const float*> qs(G * T);
+    std::vector<float*> outs(G * T);
+    std::vector<int64_t> last(G * T);
+    for (int64_t kv = kv0; kv < kv1; ++kv) {
+      const float *Kh = KC + kv * L * d, *Vh = VC + kv * L * d;
+      for (int64_t t = 0, c = 0; t < T; ++t)
+        for (int64_t h = kv * G; h < (kv + 1) * G; ++h, ++c) {
+          qs[c] = qr.data() + (t * H + h) * d;
+          outs[c] = O + (t * H + h) * d;
+          last[c] = start + t;
+        }
+      float* p = P.data_ptr<float>();
+#if defined(__AVX2__) && defined(__FMA__)
+      if (d % 16 == 0) {
+        attend_queries(qs.data(), Kh, Vh, last.data(), G * T, n, d, (float)scale, p, stride, outs.data());
+        continue;
+      }
+#endif
+      for (int64_t c = 0; c < G * T; ++c) attend_one(qs[c], Kh, Vh, last[c] + 1, d, (float)scale, p, outs[c]);
+    }
+  });
   return o;
 }
 
@@ -541,7 +637,7 @@ def _module():
         from torch.utils.cpp_extension import load_inline
 
         log.info("effspec: loading the low-bit C++ kernels (built on first use per machine, about a minute)")
-        return load_inline(name="effspec_lowbit_v15", cpp_sources=[_DECLS, _SOURCE],
+        return load_inline(name="effspec_lowbit_v16", cpp_sources=[_DECLS, _SOURCE],
                            functions=["lowbit_linear", "rms_norm", "silu_mul", "rope_attend", "linear_rows", "w8a8_rows"],
                            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)

@@ -159,6 +159,35 @@ def test_rope_attend_matches_a_reference_with_grouped_heads():
     assert math.isfinite(float(o.sum()))
 
 
+@pytest.mark.parametrize("d", [8, 64, 128])
+def test_rope_attend_rows_of_a_verify_step_equal_their_own_decode_steps(d):
+    """T new tokens in one call give, row for row, bitwise the outputs of T one-token calls (the vectorized
+    path groups queries differently for different T), and match softmax attention computed in torch."""
+    ops = kernels.decode_ops()
+    if ops is None:
+        pytest.skip("no C++ compiler here")
+    g = torch.Generator().manual_seed(5)
+    H, KV, L, start = 9, 3, 40, 21
+    theta = torch.rand(L, d // 2, generator=g) * 3
+    cos, sin = torch.cat([theta.cos()] * 2, -1), torch.cat([theta.sin()] * 2, -1)
+    kc, vc = torch.randn(KV, L, d, generator=g), torch.randn(KV, L, d, generator=g)
+    for T in (1, 2, 3, 5, 8):
+        q, k, v = (torch.randn(T, n * d, generator=g) for n in (H, KV, KV))
+        kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        together = ops.rope_attend(q, k, v, cos[start:start + T], sin[start:start + T], kc1, vc1, start, 0.125)
+        alone = torch.cat([ops.rope_attend(q[t:t + 1].contiguous(), k[t:t + 1].contiguous(), v[t:t + 1].contiguous(),
+                                           cos[start + t:start + t + 1], sin[start + t:start + t + 1], kc2, vc2,
+                                           start + t, 0.125) for t in range(T)])
+        assert torch.equal(together, alone), T
+        assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
+        qh = decoder.rope(q.view(T, H, d).transpose(0, 1), cos[start:start + T], sin[start:start + T])
+        keys = kc1[:, : start + T].repeat_interleave(H // KV, 0)
+        mask = torch.arange(start + T)[None] <= start + torch.arange(T)[:, None]
+        ref = torch.softmax((qh @ keys.transpose(1, 2) * 0.125).masked_fill(~mask, float("-inf")), -1)
+        ref = (ref @ vc1[:, : start + T].repeat_interleave(H // KV, 0)).transpose(0, 1).reshape(T, H * d)
+        assert torch.allclose(together, ref, atol=1e-5), T
+
+
 def test_linear_rows_matches_f_linear_for_every_row_count():
     ops = kernels.decode_ops()
     if ops is None:

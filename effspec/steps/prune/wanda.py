@@ -13,11 +13,17 @@ shared layer-wise engine collects only that diagonal (`diagonal=True`).
 
 Calibration goes block by block through `effspec.layerwise`, each block seeing
 the outputs of the already-pruned blocks before it, and one pass collects a
-whole block's statistics, as in the reference code (against llm-compressor's
-WandaPruningModifier, 16 x 2048 calibration, 4 eval windows: 4:8 102.68 vs
-102.66, but 2:4 225.9 vs 213.1, a gap not yet explained). `true_sequential:
-true` instead lets o_proj and down_proj see their pruned predecessors, one block pass per layer group: measured on
-smollm2 50% 42.67 against 42.92 one-pass, 2:4 158.6 against 149.2.
+whole block's statistics, as in the reference code. Against llm-compressor's
+WandaPruningModifier (16 x 2048 calibration, 4 eval windows) 4:8 gives 102.68
+vs 102.66. At 2:4 the two sides' masks are identical in blocks 0-1 and then
+drift apart (96.7% equal in block 29) the way two effspec runs do when the
+column norms are perturbed by a relative 1e-5: a near-tie in a group of 4
+flips, the block's output changes, and the next block's ties flip in turn. The
+perplexity that results is that sensitive: 226.0 unperturbed, 203.0-231.7 over
+six perturbed runs (mean 219.0), llm-compressor 213.1 (its masks scored by
+effspec: 213.1 too). `true_sequential: true` instead lets o_proj and down_proj see their
+pruned predecessors, one block pass per layer group: measured on smollm2 50%
+42.67 against 42.92 one-pass, 2:4 158.6 against 149.2.
 
 `allocation: owl` prunes each decoder block to its own OWL sparsity (more
 outliers, fewer weights removed; mean `sparsity`), from one extra calibration
