@@ -326,6 +326,7 @@ __attribute__((noinline)) static void softmax_row(float* p, int64_t n) {
 // store-to-load forwarding). Per query the arithmetic is the same whatever NQ is --
 // explicit intrinsics, compiled without fast-math -- so a verify row equals the decode step of its token.
 // P (NQ, stride) holds the scores, then the weights; query c sees keys 0..last[c], later keys weigh 0.
+// outs start at zero (rope_attend's output is allocated zeroed) and accumulate block by block.
 #if defined(__AVX2__) && defined(__FMA__)
 template <int NQ>
 __attribute__((noinline, optimize("no-fast-math")))
@@ -351,7 +352,6 @@ static void attend_group(const float* const* qs, const float* K, const float* V,
     softmax_row(P + c * stride, last[c] + 1);
     std::fill(P + c * stride + last[c] + 1, P + c * stride + n, 0.f);
   }
-  for (int c = 0; c < NQ; ++c) std::fill(outs[c], outs[c] + d, 0.f);
   for (int64_t j0 = 0; j0 < n; j0 += 64) {
     const int64_t j1 = std::min<int64_t>(n, j0 + 64);
     for (int64_t i = 0; i < d; i += 16) {
