@@ -45,18 +45,19 @@ decode steps do). The gain is bounded by the verify cost. Profiled at a
 ~1,100-token context on this machine (AMD EPYC, AVX2 only, 1 thread, runs vary
 by 20%): one row of smollm2-135m float32 takes 55-60 ms (41-43 ms linears, 7 ms
 attention), five rows 69-92 ms (45-54 ms linears, 16-24 ms attention): each
-further row costs c = 0.06-0.13 of a step, half of it or more attention. `bench/decode.py --sets grounded --methods
-es-plain,es-lookup --runs 3`, 3 input-grounded prompts of ~1,100 tokens, 128
-new tokens each, 47% of proposals accepted, output identical 3/3: 1 thread,
-plain 16.57 tok/s, lookup 26.10 (1.58x; 2.06x and 2.04x on two prompts, 1.07x
-on the summary that copies little); 2 threads 23.30 and 37.80 (1.62x). Before
-`rope_attend` read each key/value row once for all the queries that share it,
-the same run gave 15.75 and 23.97 (1.52x, 1 thread). Replaying those greedy
-outputs offline with a verify step costing 1 + c per extra row, this schedule
-would give 2.28x if extra rows were free, 1.99x at c = 0.05 and 1.78x at
-c = 0.1; an oracle that proposes exactly the right prefix of each lookup match
-gives 1.97x at c = 0.25. So 2x needs near-free verify rows and better
-proposals both.
+further row costs c = 0.06-0.13 of a step, half of it or more attention.
+`bench/decode.py --sets grounded --methods es-plain,es-lookup --runs 3`, 3
+input-grounded prompts of ~1,100 tokens, 128 new tokens each, 47% of proposals
+accepted, output identical 3/3: 1 thread, plain 16.57 tok/s, lookup 26.10
+(1.58x; 2.06x and 2.04x on two prompts, 1.07x on the summary that copies
+little); 2 threads 23.30 and 37.80 (1.62x; 1.68x in a second run). Before
+`rope_attend` read each key/value row once for all the queries that share it
+(and split them across threads), the same runs gave 15.75 and 23.97 (1.52x) at
+1 thread, 17.95 and 26.54 (1.48x) at 2. Replaying those greedy outputs offline
+with a verify step costing 1 + c per extra row, this schedule would give 2.28x
+if extra rows were free, 1.99x at c = 0.05 and 1.78x at c = 0.1; an oracle that
+proposes exactly the right prefix of each lookup match gives 1.97x at c = 0.25.
+So 2x needs near-free verify rows and better proposals both.
 
 The draft length adapts to the running acceptance (`adaptive`): +1 after a
 fully accepted round, -1 after a rejection, within [1, k_max] -- the
