@@ -31,12 +31,17 @@ Methods, each run on every prompt of each set (`--methods` picks families):
   offsets (`effspec.data.calibration_samples`) -- fewer than the calibration
   protocol's 32 x 2048: the ranking only has to pick blocks for a draft. The
   copy has its own (deep-copied) blocks and shares the target's embeddings,
-  final norm and tied head.
+  final norm and tied head. `es-distill` a draft model directory given by
+  `--distilled` (e.g. the target's first 4 blocks trained by `distill`, the
+  README's `draft-4-distill` recipe). `--draft-vocab K` restricts every effspec
+  draft's head to the K most frequent tokens of `--vocab-data`'s responses
+  (FR-Spec; `effspec.speculative.frequent_tokens`), the transformers side keeps
+  the whole vocabulary (its assistant has no such option).
 - transformers (side "transformers", the peer): `model.generate(do_sample=False)`
   on the same model object. `hf-plain` plain greedy; `hf-lookup`
   `prompt_lookup_num_tokens=--lookup-tokens` (10, the candidate generator's
   default and the method author's recommended call; n-gram size transformers'
-  default 2); `hf-selfN` and `hf-dropD` `assistant_model=` the *same* drafts as
+  default 2); `hf-selfN`, `hf-dropD`, `hf-distill` `assistant_model=` the *same* drafts as
   standalone transformers models: a model object whose blocks are the target's
   first N (config.num_hidden_layers = N) sharing the target's embeddings, norm
   and head, and the very drop-layers copy effspec drafts with. The assistant runs
@@ -66,7 +71,7 @@ spike from other work on a shared machine falls on all methods alike.
 
 Targets (the issue): prompt lookup >= 2.0x plain greedy decode speed on the
 grounded set with identical output (`es-lookup` over `es-plain`); a draft
-effspec builds from the target itself (`es-selfN`, `es-dropD`) >= 1.3x plain
+effspec builds from the target itself (`es-selfN`, `es-dropD`, `es-distill`) >= 1.3x plain
 greedy on open generation with identical output, and >= 1.2x transformers'
 assisted generation with the same draft (`es-selfN` over `hf-selfN`, `es-dropD`
 over `hf-dropD`). One verdict line each, per draft for the last two.
@@ -110,7 +115,10 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2-raw"
 DEFAULT_OUT = BENCH / "results" / "decode.json"
 MODEL = "smollm2-135m"
 SETS = ("grounded", "open")
-FAMILIES = ("es-plain", "es-lookup", "es-self", "es-drop", "hf-plain", "hf-lookup", "hf-self", "hf-drop")
+FAMILIES = ("es-plain", "es-lookup", "es-self", "es-drop", "es-distill", "hf-plain", "hf-lookup", "hf-self", "hf-drop",
+            "hf-distill")
+DISTILL = ("es-distill", "hf-distill")  # need --distilled
+DEFAULT_INSTRUCT = REPO.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
 PARTS = ("speculative", "kv")
 SIDES = {"es": "effspec", "hf": "transformers"}
 TARGET_LOOKUP = 2.0  # prompt lookup over plain greedy, grounded set
@@ -171,15 +179,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--passage-tokens", type=count, default=1000, help="tokens per grounded passage, about (default 1000)")
     p.add_argument("--lookup-tokens", type=count, default=10, help="transformers' prompt_lookup_num_tokens (default 10)")
     p.add_argument("--sets", type=names(SETS), default=list(SETS), help="prompt sets (default grounded,open)")
-    p.add_argument("--methods", type=names(FAMILIES), default=list(FAMILIES),
-                   help=f"method families (default all): {', '.join(FAMILIES)}; -self/-drop cover every draft")
+    p.add_argument("--methods", type=names(FAMILIES), default=None,
+                   help=f"method families (default all; the -distill ones with --distilled): {', '.join(FAMILIES)}; "
+                        "-self/-drop cover every draft")
+    p.add_argument("--distilled", type=Path, default=None,
+                   help="a draft model directory for es-/hf-distill, e.g. from README's draft-4-distill recipe")
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="effspec drafts propose only the K most frequent tokens of --vocab-data's responses (0: all)")
+    p.add_argument("--vocab-data", type=Path, default=DEFAULT_INSTRUCT,
+                   help="Alpaca-layout file whose responses, in the chat template, give --draft-vocab's counts")
     p.add_argument("--parts", type=names(PARTS), default=list(PARTS), help="speculative, kv (default both)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="WikiText-2 raw directory (default ../shared/data/wikitext-2-raw)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON rows (default bench/results/decode.json)")
     extension = kv_module()
     if extension is not None and hasattr(extension, "add_arguments"):  # the kv part's own flags, if it has any
         extension.add_arguments(p.add_argument_group("kv part (bench/decode_cache.py)"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = [m for m in FAMILIES if m not in DISTILL or args.distilled is not None]
+    if set(DISTILL) & set(args.methods) and args.distilled is None:
+        p.error("es-distill/hf-distill need --distilled DIR (a draft model directory)")
+    if args.distilled is not None and not args.distilled.is_dir():
+        p.error(f"--distilled {args.distilled}: no such directory")
+    if args.draft_vocab < 0:
+        p.error("--draft-vocab must be 0 (all tokens) or positive")
+    if args.draft_vocab and not args.vocab_data.is_file():
+        p.error(f"--vocab-data {args.vocab_data}: no such file")
+    return args
 
 
 # ---- prompts -------------------------------------------------------------------------------------------------------
@@ -338,7 +364,17 @@ def counting_candidates(tally: list[int]):
                 cls.update_candidate_strategy = own
 
 
-def effspec_methods(model, eos: int, args, drafts: dict) -> list[Method]:
+def draft_vocabulary(args, tokenizer):
+    """The --draft-vocab most frequent tokens of --vocab-data's responses laid out in the chat template (the
+    distilled draft's training text), plus the end-of-turn token."""
+    from effspec.speculative import frequent_tokens
+    from effspec.train_data import instruction_examples, read_instructions
+
+    examples = instruction_examples(read_instructions(args.vocab_data), tokenizer, 1 << 20, template="chat")
+    return frequent_tokens([y[y >= 0] for _x, y in examples], args.draft_vocab, always=[tokenizer.eos_token_id])
+
+
+def effspec_methods(model, eos: int, args, drafts: dict, vocab=None) -> list[Method]:
     from effspec.generate import greedy
     from effspec.speculative import DraftDecoder, PromptLookup, speculative_greedy
 
@@ -364,10 +400,11 @@ def effspec_methods(model, eos: int, args, drafts: dict) -> list[Method]:
         if f"es-{name.rstrip('0123456789')}" not in args.methods:
             continue
         if n_blocks is not None:  # the target's own first blocks: no second model
-            make = lambda L, n=n_blocks: DraftDecoder.self_draft(model, L, n)  # noqa: E731
+            make = lambda L, n=n_blocks: DraftDecoder.self_draft(model, L, n, vocab)  # noqa: E731
         else:
-            make = lambda L, m=hf_model: DraftDecoder(m, L)  # noqa: E731
-        out.append(Method(f"es-{name}", "effspec", label, speculative(make)))
+            make = lambda L, m=hf_model: DraftDecoder(m, L, vocab=vocab)  # noqa: E731
+        shown = label if vocab is None else f"{label}, {vocab.numel()} tokens"
+        out.append(Method(f"es-{name}", "effspec", shown, speculative(make)))
     return out
 
 
@@ -603,8 +640,15 @@ def main(argv: list[str] | None = None) -> int:
             drop_info = {"removed_blocks": removed, "calib": [args.calib_samples, args.calib_seqlen],
                          "seconds": time.perf_counter() - t0}
             log.info("drop-layers draft: removed blocks %s (%.0f s)", removed, drop_info["seconds"])
+        if {"es-distill", "hf-distill"} & set(args.methods):
+            distilled = load_model(str(args.distilled))
+            if distilled.tokenizer.get_vocab() != tokenizer.get_vocab():
+                raise SystemExit(f"bench/decode.py: error: {args.distilled}: its tokenizer differs from {MODEL}'s")
+            blocks = distilled.model.config.num_hidden_layers
+            drafts["distill"] = (f"distilled, {blocks} blocks", distilled.model.eval(), None)
         draft_names = list(drafts)
-        es = effspec_methods(model, eos, args, drafts)
+        vocab = draft_vocabulary(args, tokenizer) if args.draft_vocab else None
+        es = effspec_methods(model, eos, args, drafts, vocab)
         hf, prefill = transformers_methods(model, eos, args, drafts)
         for set_name, prompts in sets.items():
             runs = run_set(set_name, prompts, es + hf, prefill if hf else None, args.runs)

@@ -75,8 +75,11 @@ class StaticCache:
 class LeanDecoder:
     """Prefill and one-token steps of a supported model over a `StaticCache` of `max_len` positions."""
 
-    def __init__(self, model: nn.Module, max_len: int, n_blocks: int | None = None):
-        """`n_blocks`: run only the first n blocks before the final norm and head (a self-speculation draft)."""
+    def __init__(self, model: nn.Module, max_len: int, n_blocks: int | None = None,
+                 vocab: torch.Tensor | None = None):
+        """`n_blocks`: run only the first n blocks before the final norm and head (a self-speculation draft).
+        `vocab`: token ids whose logits the head computes, the rest -inf (a draft's cheap head, see
+        `effspec.speculative.frequent_tokens`); needs a float head."""
         if not supported(model):
             raise ValueError(f"{type(model).__name__}: not a block layout effspec.decoder runs")
         self.model, self.body = model, model.model
@@ -93,6 +96,14 @@ class LeanDecoder:
         self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim)
         # compiled one-token helpers (effspec.kernels) for float32 models; None: eager torch throughout
         self.ops = effspec_kernels.decode_ops() if dtype == torch.float32 and _USE_OPS else None
+        self.vocab = self.head_rows = None
+        if vocab is not None:
+            head = model.lm_head
+            if type(head) is not nn.Linear or head.bias is not None:
+                raise ValueError(f"a vocabulary subset needs a plain float head, not {type(head).__name__}")
+            self.vocab = vocab.to(torch.long).unique()  # sorted, no repeats
+            self.head_rows = nn.Linear(head.in_features, self.vocab.numel(), bias=False, dtype=head.weight.dtype)
+            self.head_rows.weight.data = head.weight.detach()[self.vocab].contiguous()
 
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """transformers' RMSNorm as one fused op when it is exactly that class; anything else (a rotation
@@ -175,4 +186,8 @@ class LeanDecoder:
             x = self._block(i, block, x, start, cos, sin)
         self.cache.length = start + T
         x = self._norm(self.body.norm, x[-1:] if last_only else x)
-        return self._lin(self.model.lm_head, x)
+        if self.vocab is None:
+            return self._lin(self.model.lm_head, x)
+        logits = x.new_full((x.shape[0], self.model.lm_head.out_features), float("-inf"))
+        logits[:, self.vocab] = self._lin(self.head_rows, x)
+        return logits

@@ -5,8 +5,9 @@ Two kinds of examples, both `(input_ids, labels)` with label -100 where no loss 
 - language modelling: token ids cut into rows of `seqlen`, every token a target;
 - instructions in the Alpaca layout (`instruction`, optional `input`, `output`;
   JSON list or JSON Lines): the prompt is formatted with the usual
-  "### Instruction / ### Input / ### Response" headers and masked out, so the
-  loss is on the response (and the end-of-text token) only.
+  "### Instruction / ### Input / ### Response" headers, or in the tokenizer's
+  chat template, and masked out, so the loss is on the response (and the
+  end-of-text token) only.
 
 `StepBatches(examples, cfg)` maps optimizer step s to its micro-batches: the
 examples are visited in a seeded random order, epoch after epoch, so a resumed
@@ -64,13 +65,37 @@ def read_instructions(path: str | Path) -> list[dict]:
     return records
 
 
-def instruction_examples(records: list[dict], tokenizer, seqlen: int) -> list[Example]:
-    """Prompt + response + end-of-text, truncated to `seqlen` tokens; labels only on the response."""
-    eos = tokenizer.eos_token_id
+TEMPLATES = ("alpaca", "chat")
+
+
+def _chat_ids(tokenizer, messages: list[dict], open_turn: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=open_turn, tokenize=True, return_dict=False)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def _prompt_and_answer(record: dict, tokenizer, template: str) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt (no loss) and of the response that follows it (the loss)."""
+    if template == "alpaca":
+        eos = tokenizer.eos_token_id
+        prompt = tokenizer(_prompt(record), add_special_tokens=False)["input_ids"]
+        return prompt, tokenizer(record["output"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("template: chat needs a tokenizer with a chat template; this one has none (use alpaca)")
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    prompt = _chat_ids(tokenizer, [{"role": "user", "content": user}], True)
+    full = _chat_ids(tokenizer, [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}], False)
+    if full[: len(prompt)] != prompt:
+        raise UserError("template: chat: this chat template does not continue the prompt with the response")
+    return prompt, full[len(prompt):]
+
+
+def instruction_examples(records: list[dict], tokenizer, seqlen: int, template: str = "alpaca") -> list[Example]:
+    """Prompt + response, truncated to `seqlen` tokens; labels only on the response. `template`: alpaca's
+    "### Instruction" headers with end-of-text after the response, or the tokenizer's chat template (a user
+    turn, then the assistant's), the layout a chat model is prompted in."""
     out = []
     for r in records:
-        prompt = tokenizer(_prompt(r), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(r["output"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        prompt, answer = _prompt_and_answer(r, tokenizer, template)
         ids = (prompt + answer)[:seqlen]
         labels = ([IGNORE] * len(prompt) + answer)[:seqlen]
         if len(ids) >= 2 and any(t != IGNORE for t in labels[1:]):  # a prompt filling the window teaches nothing

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from effspec.config import expect
 from effspec.errors import UserError
 from effspec.objectives import Loss, Objective, lm_loss
 from effspec.train import TrainConfig, TrainLog, train
-from effspec.train_data import StepBatches, collate, instruction_examples, lm_examples, read_instructions
+from effspec.train_data import TEMPLATES, StepBatches, collate, instruction_examples, lm_examples, read_instructions
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,13 @@ class TuneConfig(TrainConfig, Objective):
     """Optimization, objective and data of a tuning step."""
 
     data: str | None = None  # an Alpaca-layout instruction file (loss on responses); None: the calibration text
+    template: str = "alpaca"  # how `data` is laid out: "alpaca" headers or "chat" (the tokenizer's chat template)
     eval_samples: int = 4  # held-out examples scored every eval_every steps
 
     def __post_init__(self):
         TrainConfig.__post_init__(self)
         Objective.__post_init__(self)
+        expect(self.template in TEMPLATES, "template", self.template, f"one of {TEMPLATES}")
 
 
 def resolve_teacher(cfg: Objective, model: nn.Module, teacher: nn.Module | None) -> nn.Module | None:
@@ -54,7 +57,7 @@ def examples(cfg: TuneConfig, calib: torch.Tensor | None, tokenizer) -> list:
     if cfg.data is not None:
         if tokenizer is None:
             raise UserError("instruction data needs the model's tokenizer")
-        return instruction_examples(read_instructions(cfg.data), tokenizer, cfg.seqlen)
+        return instruction_examples(read_instructions(cfg.data), tokenizer, cfg.seqlen, cfg.template)
     if calib is None:
         raise UserError("a tuning step needs training text: the recipe's calibration data or `data:`")
     return lm_examples(calib, cfg.seqlen)

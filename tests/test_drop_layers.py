@@ -47,7 +47,7 @@ def test_block_influence_is_one_minus_mean_cosine():
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
-@pytest.mark.parametrize("metric", ["bi", "perplexity"])
+@pytest.mark.parametrize("metric", ["bi", "perplexity", "last"])
 def test_dropping_leaves_a_smaller_model_that_saves_reloads_and_decodes(name, metric, reloads_same):
     model = four_blocks(name)
     lm = load_model(name)
@@ -62,6 +62,22 @@ def test_dropping_leaves_a_smaller_model_that_saves_reloads_and_decodes(name, me
     a = greedy(back, CALIB[0], 5, engine="transformers")  # cache indices must match the new block count
     b = greedy(back, CALIB[0], 5, engine="lean")
     assert decoder.supported(back) and torch.equal(a.tokens, b.tokens)
+
+
+def test_drop_layers_last_keeps_the_first_blocks_and_their_logits():
+    """metric last: what is left is the model's first blocks, computing exactly what those blocks computed."""
+    model = four_blocks()
+    blocks = model.model.layers
+    first_two = list(blocks[:2])
+    with torch.inference_mode():
+        model.model.layers = blocks[:2]  # the reference: the same model cut by hand
+        cut = model(CALIB[:1]).logits
+        model.model.layers = blocks
+    step = get_step("drop-layers")
+    model = step.apply(model, step.config(n=2, metric="last"), None)  # needs no calibration
+    assert list(model.model.layers) == first_two
+    with torch.inference_mode():
+        torch.testing.assert_close(model(CALIB[:1]).logits, cut)
 
 
 def test_drop_layers_keeps_block_zero_and_refuses_too_many():

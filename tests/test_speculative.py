@@ -8,8 +8,8 @@ import torch
 from effspec.generate import SamplingConfig, greedy
 from effspec.models import load_model
 from effspec.registry import get_step
-from effspec.speculative import (DraftDecoder, PromptLookup, speculative_greedy, speculative_sampling,
-                                 speculative_step)
+from effspec.speculative import (DraftDecoder, PromptLookup, frequent_tokens, speculative_greedy,
+                                 speculative_sampling, speculative_step)
 
 # a prompt that repeats itself, so prompt lookup has matches to propose
 PROMPT = torch.tensor(list(b"the cat sat on the mat. the cat sat on the mat. the cat"))
@@ -23,17 +23,20 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
 
 
 def draft_for(source: str, model, n: int, other=None):
-    """A draft of each kind for `n` new tokens after PROMPT: prompt lookup, the first block, another model, the
-    target itself (which must accept everything)."""
+    """A draft of each kind for `n` new tokens after PROMPT: prompt lookup, the first block (with the whole
+    vocabulary, or the prompt's 6 most frequent tokens, so some of the target's tokens are out of its reach),
+    another model, the target itself (which must accept everything)."""
     room = PROMPT.numel() + n + 16
     if source == "lookup":
         return PromptLookup()
     if source == "self":
         return DraftDecoder.self_draft(model, room, n_blocks=1)
+    if source == "self-vocab":
+        return DraftDecoder.self_draft(model, room, n_blocks=1, vocab=frequent_tokens([PROMPT], 6))
     return DraftDecoder(other if source == "other-model" else model, room)
 
 
-@pytest.mark.parametrize("source", ["lookup", "self", "other-model", "itself"])
+@pytest.mark.parametrize("source", ["lookup", "self", "self-vocab", "other-model", "itself"])
 def test_speculative_greedy_is_plain_greedy(source):
     model = load_model("tiny-llama").model
     n = 40
@@ -44,6 +47,37 @@ def test_speculative_greedy_is_plain_greedy(source):
     assert stats.rounds < n  # at least one round kept more than one token
     if source == "itself":
         assert stats.acceptance == 1.0
+
+
+def test_frequent_tokens_counts_breaks_ties_by_id_and_adds_the_always_ids():
+    texts = [torch.tensor([5, 5, 5, 2, 2, 9]), torch.tensor([[9, 7, 3]])]  # 5: 3, 2: 2, 9: 2, 7: 1, 3: 1
+    assert frequent_tokens(texts, 1).tolist() == [5]
+    assert frequent_tokens(texts, 2).tolist() == [2, 5]  # 2 before 9: same count, smaller id
+    assert frequent_tokens(texts, 3, always=[0, 5]).tolist() == [0, 2, 5, 9]
+    assert frequent_tokens(texts, 50).tolist() == [2, 3, 5, 7, 9]  # never an id that does not occur
+    with pytest.raises(ValueError):
+        frequent_tokens(texts, 0)
+
+
+def test_a_vocabulary_subset_head_gives_the_full_heads_logits_on_its_ids_and_minus_inf_elsewhere():
+    from effspec.decoder import LeanDecoder
+
+    model = untied("LlamaConfig")
+    keep = torch.tensor([200, 3, 17, 3, 256, 40])  # unsorted, with a repeat
+    with torch.inference_mode():
+        full = LeanDecoder(model, PROMPT.numel() + 2).forward(PROMPT, last_only=False)
+        sub = LeanDecoder(model, PROMPT.numel() + 2, vocab=keep)
+        part = sub.forward(PROMPT[:-3], last_only=False)
+        part = torch.cat([part, sub.forward(PROMPT[-3:], last_only=False)])  # prefill, then a few-row step
+    ids = keep.unique()
+    torch.testing.assert_close(part[:, ids], full[:, ids], rtol=1e-5, atol=1e-5)
+    outside = torch.ones(full.shape[1], dtype=torch.bool)
+    outside[ids] = False
+    assert torch.isneginf(part[:, outside]).all()
+    rtn = get_step("rtn")
+    packed_head = rtn.apply(untied("LlamaConfig"), rtn.config(bits=8, group_size=0, ignore=()))
+    with pytest.raises(ValueError, match="plain float head"):
+        LeanDecoder(packed_head, 8, vocab=keep)
 
 
 def test_speculative_greedy_with_packed_target_and_fixed_k():
@@ -123,7 +157,7 @@ def test_speculative_step_with_equal_distributions_accepts_everything():
         assert speculative_step(p, p[:3], draft, g)[:3] == draft
 
 
-@pytest.mark.parametrize("source", ["lookup", "self", "other-model"])
+@pytest.mark.parametrize("source", ["lookup", "self", "self-vocab", "other-model"])
 @pytest.mark.parametrize("temperature", [0.0, 1e-5])
 def test_speculative_sampling_as_temperature_goes_to_0_is_greedy(source, temperature):
     model = untied("LlamaConfig")

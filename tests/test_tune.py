@@ -1,5 +1,6 @@
 """Tuning: the shared loop, LoRA/DoRA/IA3/prompt/prefix through peft, QLoRA on packed bases, distillation."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -322,6 +323,22 @@ def test_instruction_examples_take_the_loss_on_the_response_only():
         assert tok.decode(targets[:-1]) == r["output"][: len(tok.decode(targets[:-1]))]
         first = int((y != IGNORE).nonzero()[0])
         assert tok.decode(x[:first]).endswith("### Response:\n") and r["instruction"] in tok.decode(x[:first])
+
+
+def test_chat_template_examples_put_the_loss_on_the_assistant_turn():
+    tok = copy.deepcopy(load_model("tiny-llama").tokenizer)
+    records = [{"instruction": "Name a colour.", "output": "Blue."},
+               {"instruction": "Add these.", "input": "2 and 3", "output": "Five."}]
+    with pytest.raises(UserError, match="chat template"):
+        instruction_examples(records, tok, 512, template="chat")
+    tok.chat_template = ("{% for m in messages %}[{{ m.role }}]{{ m.content }}[end]{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant]{% endif %}")
+    ex = instruction_examples(records, tok, 512, template="chat")
+    for (x, y), r in zip(ex, records):
+        first = int((y != IGNORE).nonzero()[0])
+        user = r["instruction"] + (f"\n\n{r['input']}" if "input" in r else "")
+        assert tok.decode(x[:first]) == f"[user]{user}[end][assistant]"
+        assert tok.decode(y[first:]) == f"{r['output']}[end]"  # the turn's end is learned, as eos is in alpaca
 
 
 def test_bad_instruction_files_are_one_line_errors(tmp_path):

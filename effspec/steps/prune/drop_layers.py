@@ -9,6 +9,9 @@ with x_i the hidden state entering block i, and the `n` blocks of lowest BI
 are removed in one shot. `metric: perplexity` ranks instead by how much the
 calibration perplexity rises when each block alone is skipped (n + 1 more
 passes over the calibration set; slower, sometimes better at large n).
+`metric: last` removes the last n blocks, leaving the model's first blocks:
+an early-exit draft for speculative decoding (LayerSkip's shape), to be
+trained by `distill` toward the whole model's next-token distributions.
 
 The model really has fewer blocks afterwards: the block list, the config's
 `num_hidden_layers` (and `layer_types` where present) and each attention's
@@ -32,13 +35,13 @@ from effspec.progress import track
 from effspec.registry import register
 
 log = logging.getLogger(__name__)
-METRICS = ("bi", "perplexity")
+METRICS = ("bi", "perplexity", "last")
 
 
 @dataclass(frozen=True)
 class DropLayersConfig:
     n: int = 4  # blocks to remove
-    metric: str = "bi"  # "bi" (ShortGPT's block influence) or "perplexity"
+    metric: str = "bi"  # "bi" (ShortGPT's block influence), "perplexity", or "last" (the deepest n go)
     keep_first: bool = True  # never remove block 0 (it turns embeddings into the residual stream)
 
     def __post_init__(self):
@@ -126,6 +129,10 @@ def apply(model: nn.Module, cfg: DropLayersConfig, calib=None) -> nn.Module:
     if cfg.n > len(blocks) - 1 - first:
         raise UserError(f"drop-layers: n={cfg.n} but the model has {len(blocks)} blocks; at most "
                         f"{max(0, len(blocks) - 1 - first)} can go (one must stay{', and block 0 with keep_first' if first else ''})")
+    if cfg.metric == "last":
+        drop = list(range(len(blocks) - cfg.n, len(blocks)))
+        log.info("drop-layers: removing the last %d of %d blocks", cfg.n, len(blocks))
+        return drop_blocks(model, drop)
     if calib is None:
         raise ValueError("drop-layers needs calibration data")
     score = block_influence(model, calib) if cfg.metric == "bi" else skip_perplexity(model, calib)
