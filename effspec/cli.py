@@ -286,6 +286,8 @@ def cmd_generate(args) -> None:
         parse_cache_spec(args.kv_cache)  # a malformed spec fails before the (slow) load
         if args.speculate:
             raise UserError("--kv-cache and --speculate cannot be combined: a compressed cache cannot be rolled back")
+    if args.draft_vocab and not args.speculate:
+        raise UserError("--draft-vocab applies to a --speculate self:N or draft:MODEL draft; none was given")
     loaded = load_model(args.model)
     tokenizer = loaded.tokenizer
     prompt = torch.tensor(tokenizer(args.prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
@@ -348,19 +350,32 @@ def _draft(loaded, prompt, args):
         raise UserError(f"--speculate needs a Llama or Qwen2 model; {args.model} is {loaded.model.config.model_type}")
     kind, _, arg = args.speculate.partition(":")
     room = prompt.numel() + args.max_new_tokens + 16
+    if args.draft_vocab < 0 or (args.draft_vocab and kind == "lookup"):
+        raise UserError("--draft-vocab: expected a positive count of tokens for a self:N or draft:MODEL draft")
+    vocab = _draft_vocab(loaded.tokenizer, prompt, args) if args.draft_vocab else None
     if kind == "lookup" and not arg:
         return PromptLookup()
     if kind == "self" and arg.isdigit() and 0 < int(arg) < len(loaded.model.model.layers):
-        return DraftDecoder.self_draft(loaded.model, room, int(arg))
+        return DraftDecoder.self_draft(loaded.model, room, int(arg), vocab)
     if kind == "draft" and arg:
         other = load_model(arg)
         if other.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
             raise UserError(f"--speculate draft:{arg}: its tokenizer differs from {args.model}'s")
         if not supported(other.model):
             raise UserError(f"--speculate draft:{arg}: the draft must be a Llama or Qwen2 model too")
-        return DraftDecoder(other.model, room)
+        return DraftDecoder(other.model, room, vocab=vocab)
     raise UserError(f"--speculate {args.speculate!r}: expected lookup, self:N (0 < N < "
                     f"{len(loaded.model.model.layers)} blocks) or draft:MODEL")
+
+
+def _draft_vocab(tokenizer, prompt, args):
+    """The --draft-vocab most frequent tokens of --draft-vocab-data, the prompt's tokens and end-of-text."""
+    from effspec.data import load_text, tokenize
+    from effspec.speculative import frequent_tokens
+
+    text = tokenize(tokenizer, load_text(args.draft_vocab_data).eval_text)
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    return frequent_tokens([text], args.draft_vocab, always=prompt.tolist() + eos)
 
 
 def _speculate(loaded, prompt, draft, config, args, decode, on_token):
@@ -598,6 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "text): lookup (prompt n-grams), self:N (the model's first N blocks), draft:MODEL (a "
                         "smaller model, same tokenizer)")
     p.add_argument("--draft-tokens", type=int, default=4, help="initial draft length, adapted to acceptance (default 4)")
+    p.add_argument("--draft-vocab", type=int, default=0, metavar="K",
+                   help="self:N and draft:MODEL propose only the K most frequent tokens of --draft-vocab-data "
+                        "and the prompt's tokens (a cheaper draft head; 0: all tokens)")
+    p.add_argument("--draft-vocab-data", default="stdlib-docs", metavar="DATA",
+                   help="text whose token counts pick --draft-vocab's tokens (default: the builtin stdlib-docs)")
     p.add_argument("--kv-cache", default="", metavar="SPEC",
                    help="compressed KV cache: kivi:BITS (2/4/8; keys per channel, values per token), "
                         "streaming:WINDOW (attention sinks + recent window), h2o:RATIO (heavy hitters); "

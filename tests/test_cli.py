@@ -321,6 +321,25 @@ def test_generate_speculate_rejects_bad_drafts(cli, spec) -> None:
     assert code == 2 and "--speculate" in err and len(err.strip().splitlines()) == 1
 
 
+def test_generate_with_a_draft_vocabulary_gives_the_plain_greedy_text(cli, tmp_path) -> None:
+    text = tmp_path / "words.txt"
+    text.write_text("zzzz yyyy xxxx " * 50)  # a vocabulary far from the model's output: proposals mostly wrong
+    args = ("generate", "tiny-llama", "--prompt", "abcabcabc", "--max-new-tokens", "12", "--json")
+    code, out, err = cli(*args)
+    assert code == 0, err
+    plain = last_json(out)
+    code, out, err = cli(*args, "--speculate", "self:1", "--draft-vocab", "3", "--draft-vocab-data", str(text))
+    assert code == 0, err
+    assert last_json(out)["text"] == plain["text"]
+    for bad in (("--speculate", "lookup", "--draft-vocab", "8"), ("--speculate", "self:1", "--draft-vocab", "-1"),
+                ("--draft-vocab", "8")):
+        code, _, err = cli("generate", "tiny-llama", "--prompt", "ab", *bad)
+        assert code == 2 and "--draft-vocab" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("generate", "tiny-llama", "--prompt", "ab", "--speculate", "self:1", "--draft-vocab", "8",
+                       "--draft-vocab-data", str(tmp_path / "missing.txt"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+
 def _first_change(text: str) -> str:
     """Two characters where the text changes, so a stop string cuts it somewhere in the middle."""
     i = next((i for i in range(len(text) - 1) if text[i] != text[i + 1]), 0)
