@@ -78,12 +78,14 @@ def _prompt_and_answer(record: dict, tokenizer, template: str) -> tuple[list[int
     if template == "alpaca":
         eos = tokenizer.eos_token_id
         prompt = tokenizer(_prompt(record), add_special_tokens=False)["input_ids"]
-        return prompt, tokenizer(record["output"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        answer = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+        return prompt, answer + ([eos] if eos is not None else [])
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("template: chat needs a tokenizer with a chat template; this one has none (use alpaca)")
     user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
     prompt = _chat_ids(tokenizer, [{"role": "user", "content": user}], True)
-    full = _chat_ids(tokenizer, [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}], False)
+    turns = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    full = _chat_ids(tokenizer, turns, False)
     if full[: len(prompt)] != prompt:
         raise UserError("template: chat: this chat template does not continue the prompt with the response")
     return prompt, full[len(prompt):]
