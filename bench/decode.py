@@ -41,10 +41,11 @@ Methods, each run on every prompt of each set (`--methods` picks families):
   on the same model object. `hf-plain` plain greedy; `hf-lookup`
   `prompt_lookup_num_tokens=--lookup-tokens` (10, the candidate generator's
   default and the method author's recommended call; n-gram size transformers'
-  default 2); `hf-selfN`, `hf-dropD`, `hf-distill` `assistant_model=` the *same* drafts as
-  standalone transformers models: a model object whose blocks are the target's
-  first N (config.num_hidden_layers = N) sharing the target's embeddings, norm
-  and head, and the very drop-layers copy effspec drafts with. The assistant runs
+  default 2); `hf-selfN`, `hf-dropD`, `hf-distill` `assistant_model=` the
+  *same* drafts as standalone transformers models: a model object whose blocks
+  are the target's first N (config.num_hidden_layers = N) sharing the target's
+  embeddings, norm and head, the very drop-layers copy effspec drafts with, and
+  the distilled model. The assistant runs
   at transformers' defaults (20 draft tokens a round, "constant" schedule,
   confidence threshold 0.4); its generation config is reset before every call
   so no state carries over between runs.
@@ -71,10 +72,10 @@ spike from other work on a shared machine falls on all methods alike.
 
 Targets (the issue): prompt lookup >= 2.0x plain greedy decode speed on the
 grounded set with identical output (`es-lookup` over `es-plain`); a draft
-effspec builds from the target itself (`es-selfN`, `es-dropD`, `es-distill`) >= 1.3x plain
-greedy on open generation with identical output, and >= 1.2x transformers'
-assisted generation with the same draft (`es-selfN` over `hf-selfN`, `es-dropD`
-over `hf-dropD`). One verdict line each, per draft for the last two.
+effspec builds from the target itself (`es-selfN`, `es-dropD`, `es-distill`)
+>= 1.3x plain greedy on open generation with identical output, and >= 1.2x
+transformers' assisted generation with the same draft (`es-selfN` over
+`hf-selfN`, and so on). One verdict line each, per draft for the last two.
 
 Extension point, `--parts` (default speculative,kv): `kv` calls
 `cache_rows(args, model, tokenizer) -> list[dict]` from bench/decode_cache.py
