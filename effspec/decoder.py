@@ -102,8 +102,8 @@ class LeanDecoder:
             if type(head) is not nn.Linear or head.bias is not None:
                 raise ValueError(f"a vocabulary subset needs a plain float head, not {type(head).__name__}")
             self.vocab = vocab.to(torch.long).unique()  # sorted, no repeats
-            self.head_rows = nn.Linear(head.in_features, self.vocab.numel(), bias=False, dtype=head.weight.dtype)
-            self.head_rows.weight.data = head.weight.detach()[self.vocab].contiguous()
+            self.head_rows = nn.Linear(head.in_features, self.vocab.numel(), bias=False, device="meta")
+            self.head_rows.weight = nn.Parameter(head.weight.detach()[self.vocab].contiguous(), requires_grad=False)
 
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """transformers' RMSNorm as one fused op when it is exactly that class; anything else (a rotation
