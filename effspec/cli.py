@@ -352,18 +352,21 @@ def _draft(loaded, prompt, args):
     room = prompt.numel() + args.max_new_tokens + 16
     if args.draft_vocab < 0 or (args.draft_vocab and kind == "lookup"):
         raise UserError("--draft-vocab: expected a positive count of tokens for a self:N or draft:MODEL draft")
-    vocab = _draft_vocab(loaded.tokenizer, prompt, args) if args.draft_vocab else None
+
+    def vocab():  # counted only once the draft spec is known to be good (tokenizing the text takes ~1 s)
+        return _draft_vocab(loaded.tokenizer, prompt, args) if args.draft_vocab else None
+
     if kind == "lookup" and not arg:
         return PromptLookup()
     if kind == "self" and arg.isdigit() and 0 < int(arg) < len(loaded.model.model.layers):
-        return DraftDecoder.self_draft(loaded.model, room, int(arg), vocab)
+        return DraftDecoder.self_draft(loaded.model, room, int(arg), vocab())
     if kind == "draft" and arg:
         other = load_model(arg)
         if other.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
             raise UserError(f"--speculate draft:{arg}: its tokenizer differs from {args.model}'s")
         if not supported(other.model):
             raise UserError(f"--speculate draft:{arg}: the draft must be a Llama or Qwen2 model too")
-        return DraftDecoder(other.model, room, vocab=vocab)
+        return DraftDecoder(other.model, room, vocab=vocab())
     raise UserError(f"--speculate {args.speculate!r}: expected lookup, self:N (0 < N < "
                     f"{len(loaded.model.model.layers)} blocks) or draft:MODEL")
 
