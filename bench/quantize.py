@@ -495,7 +495,7 @@ def with_cached(rows: list[dict], cache: dict[str, dict]) -> list[dict]:
 
 def save(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")  # per process: concurrent runs may share --out
     tmp.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
