@@ -33,7 +33,12 @@ Methods, each run on every prompt of each set (`--methods` picks families):
   copy has its own (deep-copied) blocks and shares the target's embeddings,
   final norm and tied head. `es-distill` a draft model directory given by
   `--distilled` (e.g. the target's first 4 blocks trained by `distill`, the
-  README's `draft-4-distill` recipe). `--draft-vocab K` restricts every effspec
+  README's `draft-4-distill` recipe). `es-eagle` an EAGLE head given by
+  `--eagle` (`effspec train-draft`: one block that reads the target's own
+  features; `effspec.eagle`), over the tokens it was trained with unless
+  `--draft-vocab` is given; transformers' `assistant_model` cannot take a draft
+  that reads the target's features, so it has no hf- row (a verdict against the
+  1.3x target only). `--draft-vocab K` restricts every effspec
   draft's head to the K most frequent tokens of `--vocab-data`'s responses
   (FR-Spec; `effspec.speculative.frequent_tokens`), the transformers side keeps
   the whole vocabulary (its assistant has no such option).
@@ -116,9 +121,10 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2-raw"
 DEFAULT_OUT = BENCH / "results" / "decode.json"
 MODEL = "smollm2-135m"
 SETS = ("grounded", "open")
-FAMILIES = ("es-plain", "es-lookup", "es-self", "es-drop", "es-distill", "hf-plain", "hf-lookup", "hf-self", "hf-drop",
-            "hf-distill")
+FAMILIES = ("es-plain", "es-lookup", "es-self", "es-drop", "es-distill", "es-eagle", "hf-plain", "hf-lookup", "hf-self",
+            "hf-drop", "hf-distill")
 DISTILL = ("es-distill", "hf-distill")  # need --distilled
+EAGLE = ("es-eagle",)  # needs --eagle
 DEFAULT_INSTRUCT = REPO.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
 PARTS = ("speculative", "kv")
 SIDES = {"es": "effspec", "hf": "transformers"}
@@ -185,6 +191,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "-self/-drop cover every draft")
     p.add_argument("--distilled", type=Path, default=None,
                    help="a draft model directory for es-/hf-distill, e.g. from README's draft-4-distill recipe")
+    p.add_argument("--eagle", type=Path, default=None,
+                   help="an EAGLE head directory for es-eagle (`effspec train-draft`)")
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="effspec drafts propose only the K most frequent tokens of --vocab-data's responses (0: all)")
     p.add_argument("--vocab-data", type=Path, default=DEFAULT_INSTRUCT,
@@ -197,9 +205,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         extension.add_arguments(p.add_argument_group("kv part (bench/decode_cache.py)"))
     args = p.parse_args(argv)
     if args.methods is None:
-        args.methods = [m for m in FAMILIES if m not in DISTILL or args.distilled is not None]
+        args.methods = [m for m in FAMILIES if (m not in DISTILL or args.distilled is not None)
+                        and (m not in EAGLE or args.eagle is not None)]
     if set(DISTILL) & set(args.methods) and args.distilled is None:
         p.error("es-distill/hf-distill need --distilled DIR (a draft model directory)")
+    if set(EAGLE) & set(args.methods) and args.eagle is None:
+        p.error("es-eagle needs --eagle DIR (an EAGLE head from `effspec train-draft`)")
+    if args.eagle is not None and not args.eagle.is_dir():
+        p.error(f"--eagle {args.eagle}: no such directory")
     if args.distilled is not None and not args.distilled.is_dir():
         p.error(f"--distilled {args.distilled}: no such directory")
     if args.draft_vocab < 0:
@@ -406,6 +419,18 @@ def effspec_methods(model, eos: int, args, drafts: dict, vocab=None) -> list[Met
             make = lambda L, m=hf_model: DraftDecoder(m, L, vocab=vocab)  # noqa: E731
         shown = label if vocab is None else f"{label}, {vocab.numel()} tokens"
         out.append(Method(f"es-{name}", "effspec", shown, speculative(make)))
+    if "es-eagle" in args.methods:
+        import torch
+
+        from effspec.eagle import EagleDraft, EagleHead
+
+        head = EagleHead.load(model, args.eagle)
+        tokens = head.vocab if vocab is None else vocab
+        if tokens is not None:
+            tokens = torch.cat([tokens, torch.tensor([eos])]).unique()
+        shown = "EAGLE head, 1 block" + ("" if tokens is None else f", {tokens.numel()} tokens")
+        out.append(Method("es-eagle", "effspec", shown,
+                          speculative(lambda L: EagleDraft(head, model, L, tokens))))
     return out
 
 
@@ -568,7 +593,7 @@ def verdicts(rows: list[dict], draft_names: list[str]) -> list[str]:
                 (g, "es-plain"), TARGET_LOOKUP, by.get((g, "es-lookup")))]
     if (g, "es-lookup") in by and (g, "hf-plain") in by:
         out[-1] += f" (vs transformers plain {tps(g, 'es-lookup') / tps(g, 'hf-plain'):.2f}x)"
-    for d in draft_names:
+    for d in draft_names + (["eagle"] if (o, "es-eagle") in by else []):
         out.append(line(f"draft {d} >= {TARGET_DRAFT:.1f}x plain greedy on {o}, identical", (o, f"es-{d}"),
                         (o, "es-plain"), TARGET_DRAFT, by.get((o, f"es-{d}"))))
     for d in draft_names:

@@ -287,7 +287,7 @@ def cmd_generate(args) -> None:
         if args.speculate:
             raise UserError("--kv-cache and --speculate cannot be combined: a compressed cache cannot be rolled back")
     if args.draft_vocab and not args.speculate:
-        raise UserError("--draft-vocab applies to a --speculate self:N or draft:MODEL draft; none was given")
+        raise UserError("--draft-vocab applies to a --speculate self:N, draft:MODEL or eagle:DIR draft; none was given")
     loaded = load_model(args.model)
     tokenizer = loaded.tokenizer
     prompt = torch.tensor(tokenizer(args.prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
@@ -341,7 +341,8 @@ def _sampling_config(args):
 
 
 def _draft(loaded, prompt, args):
-    """--speculate lookup | self:N (the first N blocks as draft) | draft:MODEL (same tokenizer)."""
+    """--speculate lookup | self:N (the first N blocks as draft) | draft:MODEL (same tokenizer) | eagle:DIR (an
+    EAGLE head trained by `effspec train-draft`)."""
     from effspec.decoder import supported
     from effspec.models import load_model
     from effspec.speculative import DraftDecoder, PromptLookup
@@ -351,7 +352,7 @@ def _draft(loaded, prompt, args):
     kind, _, arg = args.speculate.partition(":")
     room = prompt.numel() + args.max_new_tokens + 16
     if args.draft_vocab < 0 or (args.draft_vocab and kind == "lookup"):
-        raise UserError("--draft-vocab: expected a positive count of tokens for a self:N or draft:MODEL draft")
+        raise UserError("--draft-vocab: expected a positive count of tokens for a self:N, draft:MODEL or eagle:DIR draft")
 
     def vocab():  # counted only once the draft spec is known to be good (tokenizing the text takes ~1 s)
         return _draft_vocab(loaded.tokenizer, prompt, args) if args.draft_vocab else None
@@ -367,8 +368,30 @@ def _draft(loaded, prompt, args):
         if not supported(other.model):
             raise UserError(f"--speculate draft:{arg}: the draft must be a Llama or Qwen2 model too")
         return DraftDecoder(other.model, room, vocab=vocab())
+    if kind == "eagle" and arg:
+        return _eagle_draft(loaded, prompt, arg, room, vocab())
     raise UserError(f"--speculate {args.speculate!r}: expected lookup, self:N (0 < N < "
-                    f"{len(loaded.model.model.layers)} blocks) or draft:MODEL")
+                    f"{len(loaded.model.model.layers)} blocks), draft:MODEL or eagle:DIR")
+
+
+def _eagle_draft(loaded, prompt, path, room, vocab):
+    """An EAGLE head from `path` over the loaded model; it proposes its trained vocabulary (or --draft-vocab's)
+    plus the prompt's tokens and end-of-text."""
+    import torch
+
+    from effspec.eagle import EagleDraft, EagleHead
+
+    if not Path(path).is_dir():
+        raise UserError(f"--speculate eagle:{path}: no such directory (train one with `effspec train-draft`)")
+    try:
+        head = EagleHead.load(loaded.model, path)
+    except ValueError as e:
+        raise UserError(f"--speculate eagle:{e}") from None
+    vocab = head.vocab if vocab is None else vocab
+    if vocab is not None:
+        eos = [] if loaded.tokenizer.eos_token_id is None else [loaded.tokenizer.eos_token_id]
+        vocab = torch.cat([vocab, prompt, torch.tensor(eos, dtype=torch.long)]).unique()
+    return EagleDraft(head, loaded.model, room, vocab)
 
 
 def _draft_vocab(tokenizer, prompt, args):
@@ -523,6 +546,56 @@ def cmd_tune(args) -> None:
                                            "loss_last", "resumed_from", "peak_rss_bytes")] + [("out", str(out))], record)
 
 
+def cmd_train_draft(args) -> None:
+    """Train an EAGLE draft head for MODEL on its own features of --instructions (chat layout) or --data."""
+    from dataclasses import asdict
+
+    from effspec.data import calibration_tokens, load_text
+    from effspec.decoder import supported
+    from effspec.eagle import EagleConfig, pack_rows, train_eagle
+    from effspec.fsutil import MARKER, atomic_dir, check_output_dir
+    from effspec.models import load_model
+    from effspec.speculative import frequent_tokens
+    from effspec.train_data import instruction_examples, read_instructions
+
+    if (args.data is None) == (args.instructions is None):
+        raise UserError("train-draft: give one of --data (text) or --instructions (an Alpaca-layout file)")
+    fields = {k: getattr(args, k) for k in ("steps", "lr", "batch_size", "seqlen", "vocab", "seed")
+              if getattr(args, k) is not None}
+    try:
+        cfg = EagleConfig(**fields)
+    except ValueError as e:
+        raise UserError(f"train-draft: {e}") from None
+    out = Path(args.out)
+    check_output_dir(out, args.force, "eagle")
+    loaded = load_model(args.model)
+    if not supported(loaded.model):
+        raise UserError(f"train-draft needs a Llama or Qwen2 model; {args.model} is {loaded.model.config.model_type}")
+    tok = loaded.tokenizer
+    if args.instructions is not None:
+        template = "chat" if getattr(tok, "chat_template", None) else "alpaca"
+        records = read_instructions(args.instructions)
+        seqs = [ids for ids, _ in instruction_examples(records, tok, 1 << 30, template)]  # whole, prompt included
+    else:
+        seqs = [calibration_tokens(tok, load_text(args.data), 0)]
+    try:
+        rows = pack_rows(seqs, cfg.seqlen)
+    except ValueError as e:
+        raise UserError(f"train-draft: {e}") from None
+    eos = [t for t in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if isinstance(t, int) and t >= 0]
+    vocab = frequent_tokens([rows], cfg.vocab, always=eos) if cfg.vocab else None
+    t0 = time.perf_counter()
+    head, tlog = train_eagle(loaded.model, rows, cfg, vocab)
+    trained = {"base_model": args.model, "steps": cfg.steps, "tokens": tlog.tokens, "rows": rows.shape[0],
+               "seconds": time.perf_counter() - t0, "loss_first": tlog.losses[0], "loss_last": tlog.losses[-1],
+               "agreement": tlog.agreement, "config": asdict(cfg)}
+    with atomic_dir(out) as tmp:
+        head.save(tmp, {"trained": trained})
+        (tmp / MARKER).write_text(json.dumps({"kind": "eagle", "source_model": args.model}, indent=2))
+    _emit(args, [(k, trained[k]) for k in ("steps", "tokens", "seconds", "loss_first", "loss_last", "agreement")]
+          + [("out", str(out))], {**trained, "out": str(out), "losses": tlog.losses})
+
+
 # ---- parser --------------------------------------------------------------------------------------
 def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, help="calibration sequences, overriding recipes (default: recipe's, else 32)")
@@ -614,11 +687,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculate", default="", metavar="DRAFT",
                    help="speculative decoding, the same output distribution as without it (greedy: the same "
                         "text): lookup (prompt n-grams), self:N (the model's first N blocks), draft:MODEL (a "
-                        "smaller model, same tokenizer)")
+                        "smaller model, same tokenizer), eagle:DIR (an EAGLE head from `effspec train-draft`)")
     p.add_argument("--draft-tokens", type=int, default=4, help="initial draft length, adapted to acceptance (default 4)")
     p.add_argument("--draft-vocab", type=int, default=0, metavar="K",
-                   help="self:N and draft:MODEL propose only the K most frequent tokens of --draft-vocab-data "
-                        "and the prompt's tokens (a cheaper draft head; 0: all tokens)")
+                   help="self:N, draft:MODEL and eagle:DIR propose only the K most frequent tokens of "
+                        "--draft-vocab-data and the prompt's tokens (a cheaper draft head; 0: all tokens, or an "
+                        "eagle head's own)")
     p.add_argument("--draft-vocab-data", default="stdlib-docs", metavar="DATA",
                    help="text whose token counts pick --draft-vocab's tokens (default: the builtin stdlib-docs)")
     p.add_argument("--kv-cache", default="", metavar="SPEC",
@@ -661,6 +735,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="merge the adapter and save the whole model (lora, dora, ia3)")
     p.add_argument("--force", action="store_true", help="replace an existing effspec output")
     p.set_defaults(fn=cmd_tune)
+
+    p = sub.add_parser("train-draft", parents=[common],
+                       help="train an EAGLE draft head (one block over the model's own features) for --speculate eagle:DIR")
+    p.add_argument("model")
+    p.add_argument("--out", required=True, help="directory for the head: its own weights only (17 MB for smollm2-135m), not the model's")
+    p.add_argument("--instructions", help="Alpaca-layout JSON/JSONL, laid out in the tokenizer's chat template")
+    p.add_argument("--data", help="text instead: a file, WikiText directory (its valid split), stdlib-docs, hf:NAME")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 300)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=int, help="rows per step (default 8)")
+    p.add_argument("--seqlen", type=int, help="tokens per row (default 512)")
+    p.add_argument("--vocab", type=int, help="the head's K most frequent tokens of the data (default 8192; 0: all)")
+    p.add_argument("--seed", type=int, help="seed of the init, order and noise (default 0)")
+    p.add_argument("--force", action="store_true", help="replace an existing effspec output")
+    p.set_defaults(fn=cmd_train_draft)
 
     p = sub.add_parser("export", parents=[common], help="write a model as compressed-tensors (transformers/vLLM) or GGUF (llama.cpp)")
     p.add_argument("model", help="a directory saved by `effspec run`, or any MODEL")

@@ -138,6 +138,8 @@ class LeanDecoder:
                 return self.ops.linear_rows(x.contiguous(), weight, bias)
         return module(x)
 
+    linear = _lin  # public too: a draft's own layers outside the blocks (EAGLE's FC) take the same path
+
     def _step(self, i: int, block: nn.Module, x: torch.Tensor, start: int) -> torch.Tensor:
         """Up to STEP_ROWS tokens through block i on the compiled helpers: norms, RoPE + cache write +
         attention, and silu(gate) * up each one call."""
@@ -173,19 +175,27 @@ class LeanDecoder:
 
     def forward(self, ids: torch.Tensor, last_only: bool = True) -> torch.Tensor:
         """Logits (T or 1, vocab) for the 1-D `ids` appended at the cache's end."""
-        start, T = self.cache.length, ids.numel()
+        return self.logits(self.hidden(self.body.embed_tokens(ids), last_only))
+
+    def hidden(self, x: torch.Tensor, last_only: bool = True) -> torch.Tensor:
+        """The final-normed hidden states (T or 1, hidden) -- what the head reads -- of the input vectors `x`
+        (T, hidden) appended at the cache's end. Apart from `forward` for a draft that feeds on them (EAGLE
+        takes the target's, and makes its own inputs instead of embedding tokens)."""
+        start, T = self.cache.length, x.shape[0]
         if start + T > self.cache.k.shape[2]:
             raise ValueError(f"cache holds {self.cache.k.shape[2]} positions; {start} used, {T} more asked")
         # SDPA's is_causal aligns its mask top-left, right only for an empty cache; T new tokens after a
         # filled prefix (a speculative verify step) get the explicit mask: query t sees keys <= start + t
         self._causal = T > 1 and start == 0
         self._mask = (torch.arange(start + T)[None] <= start + torch.arange(T)[:, None]) if T > 1 and start else None
-        x = self.body.embed_tokens(ids)
         cos, sin = self.cos[start:start + T], self.sin[start:start + T]
         for i, block in enumerate(self.blocks):
             x = self._block(i, block, x, start, cos, sin)
         self.cache.length = start + T
-        x = self._norm(self.body.norm, x[-1:] if last_only else x)
+        return self._norm(self.body.norm, x[-1:] if last_only else x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's logits (rows, vocab) of final-normed hidden states; -inf outside `vocab` when it is set."""
         if self.vocab is None:
             return self._lin(self.model.lm_head, x)
         logits = x.new_full((x.shape[0], self.model.lm_head.out_features), float("-inf"))

@@ -40,6 +40,10 @@ Drafts (each `propose(tokens, k) -> list[int]`; a sampling draft also has
   and rolls it back to the accepted prefix. `vocab` (from `frequent_tokens`)
   restricts its head to the most frequent tokens (FR-Spec), since a full
   vocabulary head is most of a small draft's cost.
+- `effspec.eagle.EagleDraft`: an EAGLE head, one block over the target's own
+  features. The loops hand a draft with `observe(features)` the target's
+  final-normed hidden states of every token it keeps (prompt, then each
+  verified round's), computed by the same forward passes that verify.
 
 Verify steps of up to 8 tokens run on the decoder's compiled path (float
 linears through `linear_rows`, attention through `rope_attend`, as single
@@ -217,7 +221,7 @@ def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: i
     """Greedy generation of `model` after `prompt` (1-D ids), `draft` proposing up to `k` tokens a round;
     `on_token(id)` is called with each kept token, a round's tokens at once."""
     stats = SpeculativeStats()
-    target, logits, prefill_seconds = _prefilled(model, prompt, max_new_tokens + k_max + 1)
+    target, logits, prefill_seconds = _prefilled(model, prompt, max_new_tokens + k_max + 1, draft)
     t1 = time.perf_counter()
     tokens = prompt.tolist()
     out = [int(logits[-1].argmax())]
@@ -226,11 +230,13 @@ def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: i
         want = min(k, max_new_tokens - len(out))
         proposal = draft.propose(tokens + out, want)[:want] if want > 0 else []
         start = target.cache.length
-        pred = target.forward(torch.tensor(out[-1:] + proposal), last_only=False).argmax(-1).tolist()
+        logits, h = _verify(target, out[-1:] + proposal)
+        pred = logits.argmax(-1).tolist()
         n = 0
         while n < len(proposal) and proposal[n] == pred[n]:
             n += 1
         target.cache.length = start + 1 + n  # the fed last token and the accepted proposals
+        _observe(draft, h[: 1 + n])
         new = proposal[:n] + [pred[n]]
         new = _until_eos(new, eos_token_id)[: max_new_tokens - len(out)]
         _emit(on_token, new)
@@ -248,12 +254,28 @@ def adapt(k: int, proposed: int, accepted: int, k_max: int) -> int:
     return min(k + 1, k_max) if accepted == proposed else max(1, k - 1)
 
 
-def _prefilled(model: nn.Module, prompt: torch.Tensor, room: int) -> tuple[LeanDecoder, torch.Tensor, float]:
-    """The target's decoder with `prompt` in its cache and `room` positions to spare: (decoder, logits, seconds)."""
+def _prefilled(model: nn.Module, prompt: torch.Tensor, room: int, draft) -> tuple[LeanDecoder, torch.Tensor, float]:
+    """The target's decoder with `prompt` in its cache and `room` positions to spare: (decoder, logits of the
+    last position, seconds). A draft that feeds on the target's features (`observe`) gets the prompt's."""
     target = LeanDecoder(model, prompt.numel() + room)
     t0 = time.perf_counter()
-    logits = target.forward(prompt)
-    return target, logits, time.perf_counter() - t0
+    h = target.hidden(target.body.embed_tokens(prompt), last_only=not hasattr(draft, "observe"))
+    logits = target.logits(h[-1:])
+    seconds = time.perf_counter() - t0
+    _observe(draft, h)
+    return target, logits, seconds
+
+
+def _verify(target: LeanDecoder, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's logits and final-normed hidden states (features) of every row of `ids`."""
+    h = target.hidden(target.body.embed_tokens(torch.tensor(ids)), last_only=False)
+    return target.logits(h), h
+
+
+def _observe(draft, features: torch.Tensor) -> None:
+    """Hand the target's features of the tokens it kept to a draft that feeds on them (EAGLE)."""
+    if hasattr(draft, "observe"):
+        draft.observe(features)
 
 
 def _until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
@@ -313,7 +335,7 @@ def speculative_sampling(model: nn.Module, prompt: torch.Tensor, max_new_tokens:
         raise ValueError(f"stop={config.stop!r}: stop strings need a `decode` (token ids -> text)")
     generator = config.generator()
     stats = SpeculativeStats()
-    target, logits, prefill_seconds = _prefilled(model, prompt, max_new_tokens + k_max + 1)
+    target, logits, prefill_seconds = _prefilled(model, prompt, max_new_tokens + k_max + 1, draft)
     t1 = time.perf_counter()
     tokens = prompt.tolist()
     out = [int(torch.multinomial(probabilities(logits, config), 1, generator=generator))]
@@ -323,10 +345,11 @@ def speculative_sampling(model: nn.Module, prompt: torch.Tensor, max_new_tokens:
         want = min(k, max_new_tokens - len(out))
         proposal, q = _draft_sample(draft, tokens + out, want, config, generator, logits.shape[-1])
         start = target.cache.length
-        p = probabilities(target.forward(torch.tensor(out[-1:] + proposal), last_only=False), config)  # (n+1, V)
-        new = speculative_step(p, q, proposal, generator)
+        logits, h = _verify(target, out[-1:] + proposal)
+        new = speculative_step(probabilities(logits, config), q, proposal, generator)  # p: (n+1, V)
         n = len(new) - 1  # accepted proposals
         target.cache.length = start + 1 + n  # the fed last token and the accepted proposals
+        _observe(draft, h[: 1 + n])
         new = _until_eos(new, eos_token_id)[: max_new_tokens - len(out)]
         cut = first_stop(out + new, decode, config.stop, start=len(out))
         if cut is not None:

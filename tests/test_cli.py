@@ -425,3 +425,29 @@ def test_long_ppl_compares_caches_with_the_uncompressed_one(cli, text) -> None:
     assert rows[2]["final_cache_bytes"] < rows[0]["final_cache_bytes"]
     code, out, err = cli("long-ppl", "tiny-llama", "--data", text, "--tokens", "999999")
     assert "fewer than --tokens" in assert_user_error(code, err)
+
+
+def test_train_draft_then_generate_with_the_eagle_head(cli, text, tmp_path) -> None:
+    head = tmp_path / "eagle"
+    code, out, err = cli("train-draft", "tiny-llama", "--data", text, "--out", head, "--steps", "3", "--seqlen", "32",
+                         "--batch-size", "2", "--vocab", "20", "--json")
+    assert code == 0, err
+    rec = last_json(out)
+    assert rec["steps"] == 3 and (head / "eagle.safetensors").stat().st_size < 1_000_000  # no copy of the model
+    args = ("generate", "tiny-llama", "--prompt", "abcabcabc", "--max-new-tokens", "12", "--json")
+    code, out, err = cli(*args)
+    plain = last_json(out)
+    code, out, err = cli(*args, "--speculate", f"eagle:{head}")
+    assert code == 0, err
+    assert last_json(out)["text"] == plain["text"]
+    before = snapshot(head)
+    code, _, err = cli("train-draft", "tiny-llama", "--data", text, "--out", head, "--steps", "2")
+    assert "already exists" in assert_user_error(code, err) and snapshot(head) == before
+    for bad in (("--steps", "0"), ("--instructions", text)):
+        code, _, err = cli("train-draft", "tiny-llama", "--data", text, "--out", tmp_path / "x", *bad)
+        assert_user_error(code, err)
+    for spec in (f"eagle:{tmp_path / 'missing'}", f"eagle:{tmp_path}"):
+        code, _, err = cli(*args, "--speculate", spec)
+        assert "--speculate eagle:" in assert_user_error(code, err)
+    code, _, err = cli("generate", "tiny-qwen2", "--prompt", "ab", "--speculate", f"eagle:{head}")
+    assert "model_type" in assert_user_error(code, err)
