@@ -742,7 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the head: its own weights only (17 MB for smollm2-135m), not the model's")
     p.add_argument("--instructions", help="Alpaca-layout JSON/JSONL, laid out in the tokenizer's chat template")
     p.add_argument("--data", help="text instead: a file, WikiText directory (its valid split), stdlib-docs, hf:NAME")
-    p.add_argument("--steps", type=int, help="optimizer steps (default 300)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 500)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     p.add_argument("--batch-size", type=int, help="rows per step (default 8)")
     p.add_argument("--seqlen", type=int, help="tokens per row (default 512)")
