@@ -582,10 +582,13 @@ def cmd_train_draft(args) -> None:
         rows = pack_rows(seqs, cfg.seqlen)
     except ValueError as e:
         raise UserError(f"train-draft: {e}") from None
-    eos = [t for t in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if isinstance(t, int) and t >= 0]
+    eos = [] if tok.eos_token_id is None else [tok.eos_token_id]
     vocab = frequent_tokens([rows], cfg.vocab, always=eos) if cfg.vocab else None
     t0 = time.perf_counter()
-    head, tlog = train_eagle(loaded.model, rows, cfg, vocab)
+    try:
+        head, tlog = train_eagle(loaded.model, rows, cfg, vocab)
+    except ValueError as e:  # e.g. too few rows to hold some out
+        raise UserError(f"train-draft: {e}") from None
     trained = {"base_model": args.model, "steps": cfg.steps, "tokens": tlog.tokens, "rows": rows.shape[0],
                "seconds": time.perf_counter() - t0, "loss_first": tlog.losses[0], "loss_last": tlog.losses[-1],
                "agreement": tlog.agreement, "config": asdict(cfg)}

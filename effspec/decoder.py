@@ -179,8 +179,8 @@ class LeanDecoder:
 
     def hidden(self, x: torch.Tensor, last_only: bool = True) -> torch.Tensor:
         """The final-normed hidden states (T or 1, hidden) -- what the head reads -- of the input vectors `x`
-        (T, hidden) appended at the cache's end. Apart from `forward` for a draft that feeds on them (EAGLE
-        takes the target's, and makes its own inputs instead of embedding tokens)."""
+        (T, hidden) appended at the cache's end. Split from `forward` for drafts that feed on them: EAGLE reads
+        the target's, and builds its own inputs instead of embedding tokens."""
         start, T = self.cache.length, x.shape[0]
         if start + T > self.cache.k.shape[2]:
             raise ValueError(f"cache holds {self.cache.k.shape[2]} positions; {start} used, {T} more asked")
