@@ -80,8 +80,12 @@ class EagleConfig:
         for name in ("steps", "batch_size", "seqlen"):
             if getattr(self, name) < 1 or (name == "seqlen" and self.seqlen < 3):
                 raise ValueError(f"{name}: expected a positive count (seqlen >= 3), got {getattr(self, name)}")
-        if self.lr <= 0 or self.cls_weight < 0 or self.noise < 0 or self.clip <= 0 or self.vocab < 0:
-            raise ValueError("lr and clip must be positive; cls_weight, noise and vocab non-negative")
+        for name in ("lr", "clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
+        for name in ("cls_weight", "noise", "vocab", "warmup"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: expected a non-negative number, got {getattr(self, name)}")
         if self.unroll not in (1, 2):
             raise ValueError(f"unroll: expected 1 or 2, got {self.unroll}")
         if not 0 <= self.holdout < 1:
@@ -111,7 +115,7 @@ class _DraftModel(nn.Module):
 
 
 class EagleHead(nn.Module):
-    """FC([e; f]) -> one decoder block: the trained part of an EAGLE draft (the rest is the target's)."""
+    """FC([e; f]) -> one decoder block -> norm: the trained part of an EAGLE draft (the rest is the target's)."""
 
     def __init__(self, target: nn.Module, vocab: torch.Tensor | None = None, seed: int = 0):
         super().__init__()
@@ -186,7 +190,7 @@ class EagleHead(nn.Module):
 
     # ---- storage --------------------------------------------------------------------------------------------
     def save(self, out: Path, info: dict) -> None:
-        """The trained weights (FC and block only) and what they fit: a few MB, never the target's."""
+        """The trained weights (FC, block, norm: 17 MB for smollm2-135m) and what they fit; never the target's."""
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)

@@ -110,3 +110,7 @@ def test_config_rejects_bad_fields():
         EagleConfig(holdout=1.0)
     with pytest.raises(ValueError, match="unroll"):
         EagleConfig(unroll=3)
+    with pytest.raises(ValueError, match="lr: expected a positive number, got 0"):
+        EagleConfig(lr=0)
+    with pytest.raises(ValueError, match="vocab"):
+        EagleConfig(vocab=-1)
