@@ -262,6 +262,12 @@ def _lr(step: int, cfg: EagleConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def _head_rows(head: EagleHead, target: nn.Module) -> torch.Tensor:
+    """The target's head rows of the draft's tokens (all rows without a subset): taken once, not per batch."""
+    W = target.lm_head.weight.detach()
+    return W if head.vocab is None else W[head.vocab]
+
+
 def _feature_loss(pred: torch.Tensor, truth: torch.Tensor, W: torch.Tensor, cfg: EagleConfig) -> torch.Tensor:
     """SmoothL1(f, f') + w_cls * CE(p, p'), p the target's next-token distribution over the rows of W."""
     with torch.no_grad():
@@ -270,15 +276,14 @@ def _feature_loss(pred: torch.Tensor, truth: torch.Tensor, W: torch.Tensor, cfg:
     return F.smooth_l1_loss(pred, truth) + cfg.cls_weight * cls
 
 
-def _batch_loss(head: EagleHead, target: nn.Module, tokens: torch.Tensor, f: torch.Tensor, cos, sin,
-                cfg: EagleConfig, noise: float, gen: torch.Generator | None) -> torch.Tensor:
+def _batch_loss(head: EagleHead, target: nn.Module, tokens: torch.Tensor, f: torch.Tensor, W: torch.Tensor, cos,
+                sin, cfg: EagleConfig, noise: float, gen: torch.Generator | None) -> torch.Tensor:
     """The loss of rows of tokens (B, S) with their target features (B, S, d): the first proposal's, plus with
     `unroll` 2 the second's, made from the first's own predicted features."""
     f_in = f[:, :-1]
     if noise > 0:
         f_in = f_in + (torch.rand(f_in.shape, generator=gen) * 2 - 1) * noise
     pred, kv = head.train_forward(head.inputs(target, tokens[:, 1:], f_in), cos, sin)  # f'_{j+1}, (B, S-1, d)
-    W = target.lm_head.weight if head.vocab is None else target.lm_head.weight[head.vocab]
     loss = _feature_loss(pred, f[:, 1:], W, cfg)
     if cfg.unroll == 2:
         pred2 = head.train_ahead(head.inputs(target, tokens[:, 2:], pred[:, :-1]), kv, cos, sin)  # f'_{j+2}
@@ -295,9 +300,9 @@ def agreement(head: EagleHead, target: nn.Module, tokens: torch.Tensor, f: torch
         return float("nan")
     cos, sin = _rotary(target, tokens.shape[1] - 1)
     hits = total = 0
+    W = _head_rows(head, target)
     for i in range(0, tokens.shape[0], 4):
         pred, _ = head.train_forward(head.inputs(target, tokens[i:i + 4, 1:], f[i:i + 4, :-1]), cos, sin)
-        W = target.lm_head.weight if head.vocab is None else target.lm_head.weight[head.vocab]
         ids = (pred @ W.T).argmax(-1)
         ids = ids if head.vocab is None else head.vocab[ids]
         hits += int((ids == greedy[i:i + 4, 1:]).sum())
@@ -347,13 +352,14 @@ def _fit(head: EagleHead, target: nn.Module, rows: torch.Tensor, feats: torch.Te
     """AdamW over the head's weights, `cfg.batch_size` rows a step, the rows in turn, epoch after epoch."""
     opt = torch.optim.AdamW([p for p in head.parameters()], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     cos, sin = _rotary(target, rows.shape[1] - 1)
+    W = _head_rows(head, target)
     losses: list[float] = []
     with status_bar("eagle", cfg.steps) as advance:
         for step in range(cfg.steps):
             idx = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % rows.shape[0]
             for g in opt.param_groups:
                 g["lr"] = _lr(step, cfg)
-            loss = _batch_loss(head, target, rows[idx], feats[idx], cos, sin, cfg, noise, gen)
+            loss = _batch_loss(head, target, rows[idx], feats[idx], W, cos, sin, cfg, noise, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.clip)
