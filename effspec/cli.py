@@ -556,10 +556,12 @@ def cmd_train_draft(args) -> None:
     from effspec.fsutil import MARKER, atomic_dir, check_output_dir
     from effspec.models import load_model
     from effspec.speculative import frequent_tokens
-    from effspec.train_data import instruction_examples, read_instructions
+    from effspec.train_data import instruction_examples, own_answers, read_instructions
 
     if (args.data is None) == (args.instructions is None):
         raise UserError("train-draft: give one of --data (text) or --instructions (an Alpaca-layout file)")
+    if args.own_answers < 0 or (args.own_answers and args.instructions is None):
+        raise UserError("train-draft: --own-answers N takes N >= 0 new tokens per answer, and --instructions")
     fields = {k: getattr(args, k) for k in ("steps", "lr", "batch_size", "seqlen", "vocab", "seed")
               if getattr(args, k) is not None}
     try:
@@ -576,6 +578,8 @@ def cmd_train_draft(args) -> None:
         template = "chat" if getattr(tok, "chat_template", None) else "alpaca"
         records = read_instructions(args.instructions)
         seqs = [ids for ids, _ in instruction_examples(records, tok, 1 << 30, template)]  # whole, prompt included
+        if args.own_answers:
+            seqs += own_answers(loaded.model, tok, records, args.own_answers, template)
     else:
         seqs = [calibration_tokens(tok, load_text(args.data), 0)]
     try:
@@ -745,6 +749,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the head: its own weights only (17 MB for smollm2-135m), not the model's")
     p.add_argument("--instructions", help="Alpaca-layout JSON/JSONL, laid out in the tokenizer's chat template")
     p.add_argument("--data", help="text instead: a file, WikiText directory (its valid split), stdlib-docs, hf:NAME")
+    p.add_argument("--own-answers", type=int, default=0, metavar="N",
+                   help="train on MODEL's own greedy answers to the instructions (up to N tokens each) as well as "
+                        "the file's (self-distillation: the text the draft will meet); 0: the file's only")
     p.add_argument("--steps", type=int, help="optimizer steps (default 500)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     p.add_argument("--batch-size", type=int, help="rows per step (default 8)")

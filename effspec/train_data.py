@@ -107,6 +107,30 @@ def instruction_examples(records: list[dict], tokenizer, seqlen: int, template: 
     return out
 
 
+def own_answers(model, tokenizer, records: list[dict], max_new_tokens: int, template: str = "chat",
+                batch_size: int = 16) -> list[torch.Tensor]:
+    """Prompt + the model's own greedy answer, as 1-D token ids, for each record (its `output` is not read).
+
+    Self-distillation data for a draft (Medusa-2, Sec. 2.3.2; DistillSpec): a draft is judged by how often it
+    predicts what the target generates, and the target's own answers are that text, where a dataset's human
+    answers are not. Prompts are batched by length, so little of each batch is padding; an answer ends at the
+    end-of-text token (kept) or after `max_new_tokens`."""
+    from effspec.generate import generate_batch
+    from effspec.progress import track
+
+    prompts = [_prompt_and_answer(r, tokenizer, template)[0] for r in records]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(prompts)
+    starts = range(0, len(order), batch_size)
+    for s in track(starts, "answering", total=len(starts)):
+        chunk = order[s:s + batch_size]
+        gens = generate_batch(model, [torch.tensor(prompts[i]) for i in chunk], max_new_tokens,
+                              eos_token_id=tokenizer.eos_token_id)
+        for i, g in zip(chunk, gens):
+            out[i] = torch.cat((torch.tensor(prompts[i]), g.tokens))
+    return out
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: padding is masked out of attention and loss."""
     L = max(x.numel() for x, _ in examples)

@@ -443,7 +443,7 @@ def test_train_draft_then_generate_with_the_eagle_head(cli, text, tmp_path) -> N
     before = snapshot(head)
     code, _, err = cli("train-draft", "tiny-llama", "--data", text, "--out", head, "--steps", "2")
     assert "already exists" in assert_user_error(code, err) and snapshot(head) == before
-    for bad in (("--steps", "0"), ("--instructions", text)):
+    for bad in (("--steps", "0"), ("--instructions", text), ("--own-answers", "4")):
         code, _, err = cli("train-draft", "tiny-llama", "--data", text, "--out", tmp_path / "x", *bad)
         assert_user_error(code, err)
     for spec in (f"eagle:{tmp_path / 'missing'}", f"eagle:{tmp_path}"):
@@ -451,3 +451,19 @@ def test_train_draft_then_generate_with_the_eagle_head(cli, text, tmp_path) -> N
         assert "--speculate eagle:" in assert_user_error(code, err)
     code, _, err = cli("generate", "tiny-qwen2", "--prompt", "ab", "--speculate", f"eagle:{head}")
     assert "model_type" in assert_user_error(code, err)
+
+
+def test_train_draft_on_the_models_own_answers_too(cli, tmp_path) -> None:
+    records = tmp_path / "instr.json"
+    records.write_text(json.dumps([{"instruction": f"Say {w} twice.", "output": "x"} for w in ("yes", "no", "hello")]))
+    rows = []
+    for extra in ((), ("--own-answers", "32")):
+        code, out, err = cli("train-draft", "tiny-llama", "--instructions", records, *extra, "--out",
+                             tmp_path / f"eagle{len(extra)}", "--steps", "2", "--seqlen", "16", "--batch-size", "2",
+                             "--vocab", "0", "--json")
+        assert code == 0, err
+        rows.append(last_json(out)["rows"])
+    assert rows[1] >= rows[0] + 3 * 32 // 16 - 1  # three answers of 32 tokens (no end-of-text from random weights)
+    code, _, err = cli("train-draft", "tiny-llama", "--instructions", records, "--own-answers", "-1", "--out",
+                       tmp_path / "x")
+    assert "--own-answers" in assert_user_error(code, err)

@@ -18,7 +18,9 @@ from effspec.objectives import Loss, Objective, kl_divergence, lm_loss
 from effspec.registry import get_step
 from effspec.steps.tune.lora import AdapterConfig, LoRALinear, attach, detach, save_adapter, train_adapter
 from effspec.train import TrainConfig, learning_rate_factor, train
-from effspec.train_data import IGNORE, StepBatches, instruction_examples, lm_examples, read_instructions
+from effspec.generate import greedy
+from effspec.train_data import (IGNORE, StepBatches, _prompt_and_answer, instruction_examples, lm_examples,
+                                  own_answers, read_instructions)
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
 FAST = {"steps": 4, "batch_size": 2, "seqlen": 32, "warmup": 1, "grad_checkpointing": False, "bf16": False}
@@ -339,6 +341,17 @@ def test_chat_template_examples_put_the_loss_on_the_assistant_turn():
         user = r["instruction"] + (f"\n\n{r['input']}" if "input" in r else "")
         assert tok.decode(x[:first]) == f"[user]{user}[end][assistant]"
         assert tok.decode(y[first:]) == f"{r['output']}[end]"  # the turn's end is learned, as eos is in alpaca
+
+
+def test_own_answers_are_the_prompt_and_the_models_own_greedy_answer():
+    loaded = load_model("tiny-llama")
+    records = [{"instruction": w, "output": "never read"} for w in ("Name a colour.", "Add two and three, please.",
+                                                                     "Hi", "Count from one to five.", "Why?")]
+    seqs = own_answers(loaded.model, loaded.tokenizer, records, 6, template="alpaca", batch_size=2)
+    for seq, r in zip(seqs, records):  # batched by length, answered one by one in the reference
+        prompt = _prompt_and_answer(r, loaded.tokenizer, "alpaca")[0]
+        answer = greedy(loaded.model, torch.tensor(prompt), 6, eos_token_id=loaded.tokenizer.eos_token_id).tokens
+        assert seq.tolist() == prompt + answer.tolist() and "never read" not in loaded.tokenizer.decode(seq)
 
 
 def test_bad_instruction_files_are_one_line_errors(tmp_path):
