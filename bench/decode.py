@@ -36,7 +36,12 @@ Methods, each run on every prompt of each set (`--methods` picks families):
   README's `draft-4-distill` recipe). `es-eagle` an EAGLE head given by
   `--eagle` (`effspec train-draft`: one block that reads the target's own
   features; `effspec.eagle`), over the tokens it was trained with unless
-  `--draft-vocab` is given; transformers' `assistant_model` cannot take a draft
+  `--draft-vocab` is given; `es-eagle-tree` the same head also offering its
+  2nd..`--eagle-width`-th likeliest first tokens, verified in the same pass as
+  tree rows (`EagleDraft.propose_tree`); `es-eagle-lookup` `PromptLookup()`
+  and the head as two branches of one verified tree (`Branches`, as
+  `effspec generate --speculate lookup --speculate eagle:DIR`);
+  transformers' `assistant_model` cannot take a draft
   that reads the target's features, so it has no hf- row (a verdict against the
   1.3x target only). `--draft-vocab K` restricts every effspec
   draft's head to the K most frequent tokens of `--vocab-data`'s responses
@@ -121,10 +126,10 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2-raw"
 DEFAULT_OUT = BENCH / "results" / "decode.json"
 MODEL = "smollm2-135m"
 SETS = ("grounded", "open")
-FAMILIES = ("es-plain", "es-lookup", "es-self", "es-drop", "es-distill", "es-eagle", "hf-plain", "hf-lookup", "hf-self",
-            "hf-drop", "hf-distill")
+FAMILIES = ("es-plain", "es-lookup", "es-self", "es-drop", "es-distill", "es-eagle", "es-eagle-tree",
+            "es-eagle-lookup", "hf-plain", "hf-lookup", "hf-self", "hf-drop", "hf-distill")
 DISTILL = ("es-distill", "hf-distill")  # need --distilled
-EAGLE = ("es-eagle",)  # needs --eagle
+EAGLE = ("es-eagle", "es-eagle-tree", "es-eagle-lookup")  # need --eagle
 DEFAULT_INSTRUCT = REPO.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
 PARTS = ("speculative", "kv")
 SIDES = {"es": "effspec", "hf": "transformers"}
@@ -193,6 +198,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a draft model directory for es-/hf-distill, e.g. from README's draft-4-distill recipe")
     p.add_argument("--eagle", type=Path, default=None,
                    help="an EAGLE head directory for es-eagle (`effspec train-draft`)")
+    p.add_argument("--eagle-width", type=int, default=2,
+                   help="es-eagle-tree: the head's top-W first tokens are verified side by side (default 2)")
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="effspec drafts propose only the K most frequent tokens of --vocab-data's responses (0: all)")
     p.add_argument("--vocab-data", type=Path, default=DEFAULT_INSTRUCT,
@@ -210,7 +217,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if set(DISTILL) & set(args.methods) and args.distilled is None:
         p.error("es-distill/hf-distill need --distilled DIR (a draft model directory)")
     if set(EAGLE) & set(args.methods) and args.eagle is None:
-        p.error("es-eagle needs --eagle DIR (an EAGLE head from `effspec train-draft`)")
+        p.error("es-eagle/es-eagle-tree need --eagle DIR (an EAGLE head from `effspec train-draft`)")
+    if args.eagle_width < 2:
+        p.error(f"--eagle-width {args.eagle_width}: expected 2 or more (es-eagle is width 1)")
     if args.eagle is not None and not args.eagle.is_dir():
         p.error(f"--eagle {args.eagle}: no such directory")
     if args.distilled is not None and not args.distilled.is_dir():
@@ -419,7 +428,7 @@ def effspec_methods(model, eos: int, args, drafts: dict, vocab=None) -> list[Met
             make = lambda L, m=hf_model: DraftDecoder(m, L, vocab=vocab)  # noqa: E731
         shown = label if vocab is None else f"{label}, {vocab.numel()} tokens"
         out.append(Method(f"es-{name}", "effspec", shown, speculative(make)))
-    if "es-eagle" in args.methods:
+    if set(EAGLE) & set(args.methods):
         import torch
 
         from effspec.eagle import EagleDraft, EagleHead
@@ -429,8 +438,16 @@ def effspec_methods(model, eos: int, args, drafts: dict, vocab=None) -> list[Met
         if tokens is not None:
             tokens = torch.cat([tokens, torch.tensor([eos])]).unique()
         shown = "EAGLE head, 1 block" + ("" if tokens is None else f", {tokens.numel()} tokens")
-        out.append(Method("es-eagle", "effspec", shown,
-                          speculative(lambda L: EagleDraft(head, model, L, tokens))))
+        for name, width in (("es-eagle", 1), ("es-eagle-tree", args.eagle_width)):
+            if name in args.methods:
+                label = shown + ("" if width == 1 else f", top-{width} first tokens")
+                out.append(Method(name, "effspec", label,
+                                  speculative(lambda L, w=width: EagleDraft(head, model, L, tokens, width=w))))
+        if "es-eagle-lookup" in args.methods:
+            from effspec.speculative import Branches
+
+            out.append(Method("es-eagle-lookup", "effspec", "prompt lookup + " + shown + ", one tree",
+                              speculative(lambda L: Branches([PromptLookup(), EagleDraft(head, model, L, tokens)]))))
     return out
 
 
@@ -593,7 +610,7 @@ def verdicts(rows: list[dict], draft_names: list[str]) -> list[str]:
                 (g, "es-plain"), TARGET_LOOKUP, by.get((g, "es-lookup")))]
     if (g, "es-lookup") in by and (g, "hf-plain") in by:
         out[-1] += f" (vs transformers plain {tps(g, 'es-lookup') / tps(g, 'hf-plain'):.2f}x)"
-    for d in draft_names + (["eagle"] if (o, "es-eagle") in by else []):
+    for d in draft_names + [e[3:] for e in EAGLE if (o, e) in by]:
         out.append(line(f"draft {d} >= {TARGET_DRAFT:.1f}x plain greedy on {o}, identical", (o, f"es-{d}"),
                         (o, "es-plain"), TARGET_DRAFT, by.get((o, f"es-{d}"))))
     for d in draft_names:

@@ -342,21 +342,37 @@ def _sampling_config(args):
 
 def _draft(loaded, prompt, args):
     """--speculate lookup | self:N (the first N blocks as draft) | draft:MODEL (same tokenizer) | eagle:DIR (an
-    EAGLE head trained by `effspec train-draft`)."""
+    EAGLE head trained by `effspec train-draft`); repeated, their proposals as one token tree (`Branches`)."""
+    from effspec.decoder import supported
+    from effspec.speculative import Branches
+
+    if not supported(loaded.model):
+        raise UserError(f"--speculate needs a Llama or Qwen2 model; {args.model} is {loaded.model.config.model_type}")
+    kinds = [spec.partition(":")[0] for spec in args.speculate]
+    if args.draft_vocab < 0 or (args.draft_vocab and all(kind == "lookup" for kind in kinds)):
+        raise UserError("--draft-vocab: expected a positive count of tokens for a self:N, draft:MODEL or eagle:DIR draft")
+    if len(args.speculate) > 1 and (args.temperature > 0 or args.stop):
+        raise UserError("several --speculate drafts verify a token tree, which greedy decoding without --stop does; "
+                        "give one draft to sample or stop")
+    room = prompt.numel() + args.max_new_tokens + 16
+    vocab: list = []
+
+    def draft_vocab():  # counted once, and only once a draft spec is known to be good (tokenizing takes ~1 s)
+        if not vocab:
+            vocab.append(_draft_vocab(loaded.tokenizer, prompt, args) if args.draft_vocab else None)
+        return vocab[0]
+
+    drafts = [_one_draft(loaded, prompt, spec, args, room, draft_vocab) for spec in args.speculate]
+    return drafts[0] if len(drafts) == 1 else Branches(drafts)
+
+
+def _one_draft(loaded, prompt, spec, args, room, vocab):
+    """One --speculate SPEC's draft; `vocab()` the --draft-vocab token set (None: all)."""
     from effspec.decoder import supported
     from effspec.models import load_model
     from effspec.speculative import DraftDecoder, PromptLookup
 
-    if not supported(loaded.model):
-        raise UserError(f"--speculate needs a Llama or Qwen2 model; {args.model} is {loaded.model.config.model_type}")
-    kind, _, arg = args.speculate.partition(":")
-    room = prompt.numel() + args.max_new_tokens + 16
-    if args.draft_vocab < 0 or (args.draft_vocab and kind == "lookup"):
-        raise UserError("--draft-vocab: expected a positive count of tokens for a self:N, draft:MODEL or eagle:DIR draft")
-
-    def vocab():  # counted only once the draft spec is known to be good (tokenizing the text takes ~1 s)
-        return _draft_vocab(loaded.tokenizer, prompt, args) if args.draft_vocab else None
-
+    kind, _, arg = spec.partition(":")
     if kind == "lookup" and not arg:
         return PromptLookup()
     if kind == "self" and arg.isdigit() and 0 < int(arg) < len(loaded.model.model.layers):
@@ -370,7 +386,7 @@ def _draft(loaded, prompt, args):
         return DraftDecoder(other.model, room, vocab=vocab())
     if kind == "eagle" and arg:
         return _eagle_draft(loaded, prompt, arg, room, vocab())
-    raise UserError(f"--speculate {args.speculate!r}: expected lookup, self:N (0 < N < "
+    raise UserError(f"--speculate {spec!r}: expected lookup, self:N (0 < N < "
                     f"{len(loaded.model.model.layers)} blocks), draft:MODEL or eagle:DIR")
 
 
@@ -691,10 +707,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for sampling, to reproduce a generation (default: unseeded)")
     p.add_argument("--stop", action="append", metavar="TEXT",
                    help="stop when the new text contains TEXT, which is cut off (repeatable)")
-    p.add_argument("--speculate", default="", metavar="DRAFT",
+    p.add_argument("--speculate", action="append", metavar="DRAFT",
                    help="speculative decoding, the same output distribution as without it (greedy: the same "
                         "text): lookup (prompt n-grams), self:N (the model's first N blocks), draft:MODEL (a "
-                        "smaller model, same tokenizer), eagle:DIR (an EAGLE head from `effspec train-draft`)")
+                        "smaller model, same tokenizer), eagle:DIR (an EAGLE head from `effspec train-draft`); "
+                        "repeat it to verify several drafts' proposals at once as a token tree (greedy; the first "
+                        "draft's rows first), e.g. --speculate lookup --speculate eagle:DIR")
     p.add_argument("--draft-tokens", type=int, default=4, help="initial draft length, adapted to acceptance (default 4)")
     p.add_argument("--draft-vocab", type=int, default=0, metavar="K",
                    help="self:N, draft:MODEL and eagle:DIR propose only the K most frequent tokens of "

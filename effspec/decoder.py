@@ -72,6 +72,27 @@ class StaticCache:
         return 2 * self.k[:, :, : self.length].numel() * self.k.element_size()
 
 
+def tree_layout(parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows continuing rows `parents` (parents[t] < t; -1: the cached prefix): each row's position after the
+    prefix (T,), and which rows each row sees (T, T) -- its ancestors and itself. A chain (parents t - 1) gives
+    positions 0..T-1 and the causal mask."""
+    T = len(parents)
+    positions = torch.zeros(T, dtype=torch.long)
+    visible = torch.eye(T, dtype=torch.bool)
+    for t, p in enumerate(parents):
+        if not -1 <= p < t:
+            raise ValueError(f"parents[{t}] = {p}: a row continues the prefix (-1) or an earlier row")
+        if p >= 0:
+            positions[t] = positions[p] + 1
+            visible[t] |= visible[p]
+    return positions, visible
+
+
+def _bitmasks(visible: torch.Tensor) -> torch.Tensor:
+    """Each row of a (T, T) bool matrix as an int64 whose bit r is column r (the compiled kernel's form)."""
+    return (visible.to(torch.long) << torch.arange(visible.shape[1])).sum(1)
+
+
 class LeanDecoder:
     """Prefill and one-token steps of a supported model over a `StaticCache` of `max_len` positions."""
 
@@ -140,14 +161,14 @@ class LeanDecoder:
 
     linear = _lin  # public too: a draft's own layers outside the blocks (EAGLE's FC) take the same path
 
-    def _step(self, i: int, block: nn.Module, x: torch.Tensor, start: int) -> torch.Tensor:
+    def _step(self, i: int, block: nn.Module, x: torch.Tensor, start: int, cos: torch.Tensor,
+              sin: torch.Tensor) -> torch.Tensor:
         """Up to STEP_ROWS tokens through block i on the compiled helpers: norms, RoPE + cache write +
         attention, and silu(gate) * up each one call."""
-        attn, mlp, ops, T = block.self_attn, block.mlp, self.ops, x.shape[0]
+        attn, mlp, ops = block.self_attn, block.mlp, self.ops
         h = self._norm(block.input_layernorm, x)
         o = ops.rope_attend(self._lin(attn.q_proj, h), self._lin(attn.k_proj, h), self._lin(attn.v_proj, h),
-                            self.cos[start:start + T], self.sin[start:start + T], self.cache.k[i], self.cache.v[i],
-                            start, attn.scaling)
+                            cos, sin, self.cache.k[i], self.cache.v[i], start, attn.scaling, self._see)
         x = x + self._lin(attn.o_proj, o)
         h = self._norm(block.post_attention_layernorm, x)
         if type(mlp.act_fn).__name__ in SILU:
@@ -158,7 +179,7 @@ class LeanDecoder:
                sin: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         if T <= STEP_ROWS and self.ops is not None:
-            return self._step(i, block, x, start)
+            return self._step(i, block, x, start, cos, sin)
         attn, mlp = block.self_attn, block.mlp
         h = self._norm(block.input_layernorm, x)
         q = attn.q_proj(h).view(T, self.heads, self.head_dim)
@@ -177,22 +198,45 @@ class LeanDecoder:
         """Logits (T or 1, vocab) for the 1-D `ids` appended at the cache's end."""
         return self.logits(self.hidden(self.body.embed_tokens(ids), last_only))
 
-    def hidden(self, x: torch.Tensor, last_only: bool = True) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, last_only: bool = True, parents: list[int] | None = None) -> torch.Tensor:
         """The final-normed hidden states (T or 1, hidden) -- what the head reads -- of the input vectors `x`
         (T, hidden) appended at the cache's end. Split from `forward` for drafts that feed on them: EAGLE reads
-        the target's, and builds its own inputs instead of embedding tokens."""
+        the target's, and builds its own inputs instead of embedding tokens.
+
+        `parents` makes the new rows a tree (a speculative verify of several candidate continuations at once):
+        row t continues row parents[t] < t (-1: the cached prefix), sits at the position after its parent's and
+        attends to the prefix, its ancestors and itself only. Every row's key and value still take a cache slot
+        of their own (start + t); `keep` then moves the accepted path's to the front."""
         start, T = self.cache.length, x.shape[0]
         if start + T > self.cache.k.shape[2]:
             raise ValueError(f"cache holds {self.cache.k.shape[2]} positions; {start} used, {T} more asked")
+        tree = parents is not None and any(p != t - 1 for t, p in enumerate(parents))
         # SDPA's is_causal aligns its mask top-left, right only for an empty cache; T new tokens after a
         # filled prefix (a speculative verify step) get the explicit mask: query t sees keys <= start + t
-        self._causal = T > 1 and start == 0
-        self._mask = (torch.arange(start + T)[None] <= start + torch.arange(T)[:, None]) if T > 1 and start else None
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        self._causal = T > 1 and start == 0 and not tree
+        self._mask, self._see = None, effspec_kernels.EMPTY
+        if tree:
+            positions, visible = tree_layout(parents)
+            cos, sin = self.cos[start + positions], self.sin[start + positions]  # position <= slot: in the table
+            self._mask = torch.cat((torch.ones(T, start, dtype=torch.bool), visible), 1)
+            self._see = _bitmasks(visible) if T <= STEP_ROWS else None  # the compiled path's form
+        else:
+            cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+            if T > 1 and start:
+                self._mask = torch.arange(start + T)[None] <= start + torch.arange(T)[:, None]
         for i, block in enumerate(self.blocks):
             x = self._block(i, block, x, start, cos, sin)
         self.cache.length = start + T
         return self._norm(self.body.norm, x[-1:] if last_only else x)
+
+    def keep(self, start: int, path: list[int]) -> None:
+        """After a tree step that began at cache length `start`: keep the keys and values of its rows `path`
+        (increasing, a root-to-node path), moved to slots start, start + 1, ...; drop the other rows'."""
+        for slot, row in enumerate(path):
+            if row != slot:  # row >= slot, and no later source lies below this destination
+                self.cache.k[:, :, start + slot] = self.cache.k[:, :, start + row]
+                self.cache.v[:, :, start + slot] = self.cache.v[:, :, start + row]
+        self.cache.length = start + len(path)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The head's logits (rows, vocab) of final-normed hidden states; -inf outside `vocab` when it is set."""

@@ -308,6 +308,14 @@ torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u) {
 // Softmax of one query's scores p[0..n) in place, divided by their sum. Never inlined, so every query runs
 // this same code: a query's weights then do not depend on how many queries shared its pass (a verify step's
 // row equals the decode step of that token).
+// Tree verify: keys start..last of the new rows that query's bitmask `see` leaves out (bit r: new row r, whose
+// key sits at start + r) score -1e30 before the softmax -- exp underflows to exactly 0 -- and weigh 0 after,
+// so a tree row's output equals the decode step of its token after its own ancestors alone.
+static inline void hide(float* p, int64_t start, int64_t last, int64_t see, float value) {
+  for (int64_t j = start; j <= last; ++j)
+    if (!((see >> (j - start)) & 1)) p[j] = value;
+}
+
 __attribute__((noinline)) static void softmax_row(float* p, int64_t n) {
   float m = -INFINITY;
   for (int64_t j = 0; j < n; ++j) m = std::max(m, p[j]);
@@ -330,8 +338,8 @@ __attribute__((noinline)) static void softmax_row(float* p, int64_t n) {
 #if defined(__AVX2__) && defined(__FMA__)
 template <int NQ>
 __attribute__((noinline, optimize("no-fast-math")))
-static void attend_group(const float* const* qs, const float* K, const float* V, const int64_t* last, int64_t n,
-                         int64_t d, float scale, float* P, int64_t stride, float* const* outs) {
+static void attend_group(const float* const* qs, const float* K, const float* V, const int64_t* last, const int64_t* see,
+                         int64_t start, int64_t n, int64_t d, float scale, float* P, int64_t stride, float* const* outs) {
   for (int64_t j = 0; j < n; ++j) {
     const float* k = K + j * d;
     for (int c = 0; c < NQ; ++c) {
@@ -349,7 +357,9 @@ static void attend_group(const float* const* qs, const float* K, const float* V,
     }
   }
   for (int c = 0; c < NQ; ++c) {
+    if (see[c] != -1) hide(P + c * stride, start, last[c], see[c], -1e30f);
     softmax_row(P + c * stride, last[c] + 1);
+    if (see[c] != -1) hide(P + c * stride, start, last[c], see[c], 0.f);
     std::fill(P + c * stride + last[c] + 1, P + c * stride + n, 0.f);
   }
   for (int64_t j0 = 0; j0 < n; j0 += 64) {
@@ -370,27 +380,31 @@ static void attend_group(const float* const* qs, const float* K, const float* V,
   }
 }
 
-static void attend_queries(const float* const* qs, const float* K, const float* V, const int64_t* last, int64_t nq,
-                           int64_t n, int64_t d, float scale, float* P, int64_t stride, float* const* outs) {
+static void attend_queries(const float* const* qs, const float* K, const float* V, const int64_t* last,
+                           const int64_t* see, int64_t start, int64_t nq, int64_t n, int64_t d, float scale, float* P,
+                           int64_t stride, float* const* outs) {
   for (int64_t c0 = 0; c0 < nq; c0 += 3) {
+    const int64_t *l = last + c0, *s = see + c0;
     switch (std::min<int64_t>(3, nq - c0)) {
-      case 1: attend_group<1>(qs + c0, K, V, last + c0, n, d, scale, P, stride, outs + c0); break;
-      case 2: attend_group<2>(qs + c0, K, V, last + c0, n, d, scale, P, stride, outs + c0); break;
-      default: attend_group<3>(qs + c0, K, V, last + c0, n, d, scale, P, stride, outs + c0); break;
+      case 1: attend_group<1>(qs + c0, K, V, l, s, start, n, d, scale, P, stride, outs + c0); break;
+      case 2: attend_group<2>(qs + c0, K, V, l, s, start, n, d, scale, P, stride, outs + c0); break;
+      default: attend_group<3>(qs + c0, K, V, l, s, start, n, d, scale, P, stride, outs + c0); break;
     }
   }
 }
 #endif
 
 // The portable form: one query at a time, the same rule (scores, softmax_row, weighted sum of values).
-static void attend_one(const float* q, const float* K, const float* V, int64_t n, int64_t d, float scale, float* p,
-                       float* out) {
+static void attend_one(const float* q, const float* K, const float* V, int64_t n, int64_t see, int64_t start,
+                       int64_t d, float scale, float* p, float* out) {
   for (int64_t j = 0; j < n; ++j) {
     float s = 0.f;
     for (int64_t i = 0; i < d; ++i) s += q[i] * K[j * d + i];
     p[j] = s * scale;
   }
+  if (see != -1) hide(p, start, n - 1, see, -1e30f);
   softmax_row(p, n);
+  if (see != -1) hide(p, start, n - 1, see, 0.f);
   for (int64_t j = 0; j < n; ++j)
     for (int64_t i = 0; i < d; ++i) out[i] += p[j] * V[j * d + i];
 }
@@ -399,14 +413,18 @@ static void attend_one(const float* q, const float* K, const float* V, int64_t n
 // half-split form) on q (T, H*d) and k (T, KV*d) with table rows cos/sin (T, d); k and v written into
 // the block's caches (KV, max_len, d); then query t of every head attends causally over positions
 // 0..start+t of its key/value head (GQA: H/KV query heads share one). Returns (T, H*d). Key/value heads
-// are split across threads.
+// are split across threads. A tree verify passes `see` (T,) int64: bit r of see[t] says whether row t sees new
+// row r (its ancestors and itself, all before it); empty: causal.
 torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
-                          torch::Tensor kcache, torch::Tensor vcache, int64_t start, double scale) {
+                          torch::Tensor kcache, torch::Tensor vcache, int64_t start, double scale, torch::Tensor see) {
   const int64_t d = cos.size(-1), T = cos.numel() / d, H = q.numel() / (T * d), KV = k.numel() / (T * d);
   const int64_t L = kcache.size(1), half = d / 2, G = H / KV, n = start + T;
   TORCH_CHECK(kcache.is_contiguous() && vcache.is_contiguous() && start + T <= L && q.is_contiguous()
               && k.is_contiguous() && v.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
               "rope_attend: contiguous float32 inputs, positions inside the cache");
+  TORCH_CHECK(see.numel() == 0 || (see.numel() == T && see.scalar_type() == torch::kLong && T <= 62),
+              "rope_attend: see is empty or (T,) int64 bitmasks");
+  const int64_t* SEE = see.numel() ? see.data_ptr<int64_t>() : nullptr;
   const float *Q = q.data_ptr<float>(), *Kn = k.data_ptr<float>(), *Vn = v.data_ptr<float>();
   float *KC = kcache.data_ptr<float>(), *VC = vcache.data_ptr<float>();
   auto rope = [&](const float* x, const float* C, const float* S, float* out) {
@@ -432,7 +450,7 @@ torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
     auto P = torch::empty({G * T, stride}, q.options());  // torch's allocations are 64-byte aligned
     std::vector<const float*> qs(G * T);
     std::vector<float*> outs(G * T);
-    std::vector<int64_t> last(G * T);
+    std::vector<int64_t> last(G * T), seen(G * T);
     for (int64_t kv = kv0; kv < kv1; ++kv) {
       const float *Kh = KC + kv * L * d, *Vh = VC + kv * L * d;
       for (int64_t t = 0, c = 0; t < T; ++t)
@@ -440,15 +458,18 @@ torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
           qs[c] = qr.data() + (t * H + h) * d;
           outs[c] = O + (t * H + h) * d;
           last[c] = start + t;
+          seen[c] = SEE ? SEE[t] : -1;  // -1: every key up to last
         }
       float* p = P.data_ptr<float>();
 #if defined(__AVX2__) && defined(__FMA__)
       if (d % 16 == 0) {
-        attend_queries(qs.data(), Kh, Vh, last.data(), G * T, n, d, (float)scale, p, stride, outs.data());
+        attend_queries(qs.data(), Kh, Vh, last.data(), seen.data(), start, G * T, n, d, (float)scale, p, stride,
+                       outs.data());
         continue;
       }
 #endif
-      for (int64_t c = 0; c < G * T; ++c) attend_one(qs[c], Kh, Vh, last[c] + 1, d, (float)scale, p, outs[c]);
+      for (int64_t c = 0; c < G * T; ++c)
+        attend_one(qs[c], Kh, Vh, last[c] + 1, seen[c], start, d, (float)scale, p, outs[c]);
     }
   });
   return o;
@@ -616,7 +637,7 @@ torch::Tensor lowbit_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u);
 torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
-                          torch::Tensor kcache, torch::Tensor vcache, int64_t start, double scale);
+                          torch::Tensor kcache, torch::Tensor vcache, int64_t start, double scale, torch::Tensor see);
 torch::Tensor linear_rows(torch::Tensor x, torch::Tensor w, torch::Tensor bias);
 torch::Tensor w8a8_rows(torch::Tensor x, torch::Tensor wq, torch::Tensor sw, torch::Tensor bias);
 """
@@ -637,7 +658,7 @@ def _module():
         from torch.utils.cpp_extension import load_inline
 
         log.info("effspec: loading the low-bit C++ kernels (built on first use per machine, about a minute)")
-        return load_inline(name="effspec_lowbit_v16", cpp_sources=[_DECLS, _SOURCE],
+        return load_inline(name="effspec_lowbit_v17", cpp_sources=[_DECLS, _SOURCE],
                            functions=["lowbit_linear", "rms_norm", "silu_mul", "rope_attend", "linear_rows", "w8a8_rows"],
                            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)

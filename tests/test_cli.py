@@ -321,6 +321,20 @@ def test_generate_speculate_rejects_bad_drafts(cli, spec) -> None:
     assert code == 2 and "--speculate" in err and len(err.strip().splitlines()) == 1
 
 
+def test_generate_with_two_drafts_is_greedy_only(cli) -> None:
+    args = ("generate", "tiny-llama", "--prompt", "abcabcabc", "--max-new-tokens", "12", "--json")
+    code, out, err = cli(*args)
+    plain = last_json(out)
+    code, out, err = cli(*args, "--speculate", "lookup", "--speculate", "self:1")
+    assert code == 0, err
+    assert last_json(out)["text"] == plain["text"]
+    for more in (("--temperature", "0.7"), ("--stop", "c")):
+        code, _, err = cli(*args, "--speculate", "lookup", "--speculate", "self:1", *more)
+        assert "several --speculate drafts" in assert_user_error(code, err)
+    code, _, err = cli(*args, "--speculate", "lookup", "--speculate", "self:9")
+    assert "--speculate 'self:9'" in assert_user_error(code, err)
+
+
 def test_generate_with_a_draft_vocabulary_gives_the_plain_greedy_text(cli, tmp_path) -> None:
     text = tmp_path / "words.txt"
     text.write_text("zzzz yyyy xxxx " * 50)  # a vocabulary far from the model's output: proposals mostly wrong
@@ -438,6 +452,9 @@ def test_train_draft_then_generate_with_the_eagle_head(cli, text, tmp_path) -> N
     code, out, err = cli(*args)
     plain = last_json(out)
     code, out, err = cli(*args, "--speculate", f"eagle:{head}")
+    assert code == 0, err
+    assert last_json(out)["text"] == plain["text"]
+    code, out, err = cli(*args, "--speculate", "lookup", "--speculate", f"eagle:{head}")  # one tree, both drafts
     assert code == 0, err
     assert last_json(out)["text"] == plain["text"]
     before = snapshot(head)

@@ -138,7 +138,7 @@ def test_rope_attend_matches_a_reference_with_grouped_heads():
     cos, sin = torch.cat([theta.cos()] * 2), torch.cat([theta.sin()] * 2)
     kc, vc = torch.randn(KV, L, d, generator=g), torch.randn(KV, L, d, generator=g)
     kc_ref, vc_ref = kc.clone(), vc.clone()
-    o = ops.rope_attend(q, k, v, cos, sin, kc, vc, pos, 0.3)
+    o = ops.rope_attend(q, k, v, cos, sin, kc, vc, pos, 0.3, kernels.EMPTY)
 
     def rope(x):  # transformers' rotate_half form
         return x * cos + torch.cat((-x[..., d // 2:], x[..., : d // 2]), -1) * sin
@@ -176,10 +176,11 @@ def test_rope_attend_rows_of_a_verify_step_equal_their_own_decode_steps(d, H, KV
     for T in (1, 2, 3, 5, 8):
         q, k, v = (torch.randn(T, n * d, generator=g) for n in (H, KV, KV))
         kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
-        together = ops.rope_attend(q, k, v, cos[start:start + T], sin[start:start + T], kc1, vc1, start, 0.125)
+        together = ops.rope_attend(q, k, v, cos[start:start + T], sin[start:start + T], kc1, vc1, start, 0.125,
+                                   kernels.EMPTY)
         alone = torch.cat([ops.rope_attend(q[t:t + 1].contiguous(), k[t:t + 1].contiguous(), v[t:t + 1].contiguous(),
                                            cos[start + t:start + t + 1], sin[start + t:start + t + 1], kc2, vc2,
-                                           start + t, 0.125) for t in range(T)])
+                                           start + t, 0.125, kernels.EMPTY) for t in range(T)])
         assert torch.equal(together, alone), T
         assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
         qh = decoder.rope(q.view(T, H, d).transpose(0, 1), cos[start:start + T], sin[start:start + T])
@@ -201,3 +202,73 @@ def test_linear_rows_matches_f_linear_for_every_row_count():
         x = torch.randn(M, 37, generator=g)
         assert torch.allclose(ops.linear_rows(x, W, b), torch.nn.functional.linear(x, W, b), atol=1e-5), M
         assert torch.allclose(ops.linear_rows(x, W, kernels.EMPTY), x @ W.t(), atol=1e-5), M
+
+
+@pytest.mark.parametrize("d,H,KV", [(8, 9, 3), (64, 8, 2)])
+def test_rope_attend_tree_rows_equal_decode_steps_after_their_ancestors(d, H, KV):
+    """Tree rows (`see` bitmasks): each row's output is the one-token step of its token after the prefix and its
+    own ancestors only, its key rotated at its depth, not its slot. Not bitwise: the hidden keys' zero weights
+    sit among the softmax sum's lanes and move the others'."""
+    ops = kernels.decode_ops()
+    if ops is None:
+        pytest.skip("no C++ compiler here")
+    g = torch.Generator().manual_seed(8)
+    L, start, parents = 40, 17, [-1, 0, 1, 0, 3, -1, 5]
+    positions, visible = decoder.tree_layout(parents)
+    theta = torch.rand(L, d // 2, generator=g) * 3
+    cos, sin = torch.cat([theta.cos()] * 2, -1), torch.cat([theta.sin()] * 2, -1)
+    kc, vc = torch.randn(KV, L, d, generator=g), torch.randn(KV, L, d, generator=g)
+    T = len(parents)
+    q, k, v = (torch.randn(T, n * d, generator=g) for n in (H, KV, KV))
+    at = start + positions
+    see = decoder._bitmasks(visible)
+    tree = ops.rope_attend(q, k, v, cos[at].contiguous(), sin[at].contiguous(), kc.clone(), vc.clone(), start, 0.125,
+                           see)
+    for t in range(T):
+        path = [r for r in range(T) if visible[t, r]]  # ancestors, then the row itself
+        kc2, vc2 = kc.clone(), vc.clone()
+        for depth, r in enumerate(path):
+            row = ops.rope_attend(q[r:r + 1].contiguous(), k[r:r + 1].contiguous(), v[r:r + 1].contiguous(),
+                                  cos[start + depth:start + depth + 1], sin[start + depth:start + depth + 1], kc2, vc2,
+                                  start + depth, 0.125, kernels.EMPTY)
+        assert int(positions[t]) == len(path) - 1
+        torch.testing.assert_close(tree[t], row[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("engine_ops", [True, False])
+def test_tree_verify_rows_equal_their_paths_and_keep_compacts_the_cache(engine_ops):
+    """`hidden(parents=...)`: every row's features equal decoding its own root-to-row path; `keep(path)` then
+    leaves the cache the path's decode would have, so decoding continues exactly."""
+    model = load_model("tiny-llama").model
+    ids, parents = [5, 9, 11, 7, 13, 3], [-1, 0, 1, 0, 3, 0]  # rows 1 and 3 and 5 are siblings after row 0
+    positions, visible = decoder.tree_layout(parents)
+    with torch.inference_mode():
+        lean = LeanDecoder(model, 40)
+        if not engine_ops:
+            lean.ops = None
+        lean.forward(PROMPT[:12])
+        h = lean.hidden(model.model.embed_tokens(torch.tensor(ids)), last_only=False, parents=parents)
+        for t in range(len(ids)):
+            path = [r for r in range(len(ids)) if visible[t, r]]
+            ref = LeanDecoder(model, 40)
+            if not engine_ops:
+                ref.ops = None
+            ref.forward(PROMPT[:12])
+            want = torch.cat([ref.hidden(model.model.embed_tokens(torch.tensor([ids[r]]))) for r in path])
+            torch.testing.assert_close(h[t], want[-1], atol=1e-5, rtol=1e-5)
+        lean.keep(12, [0, 3, 4])
+        ref = LeanDecoder(model, 40)
+        if not engine_ops:
+            ref.ops = None
+        ref.forward(PROMPT[:12])
+        for r in (0, 3, 4):
+            ref.forward(torch.tensor([ids[r]]))
+        assert lean.cache.length == ref.cache.length == 15
+        torch.testing.assert_close(lean.cache.k[:, :, :15], ref.cache.k[:, :, :15], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lean.forward(torch.tensor([2])), ref.forward(torch.tensor([2])), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_tree_layout_rejects_a_parent_that_is_not_earlier():
+    with pytest.raises(ValueError, match="parents\\[1\\] = 1"):
+        decoder.tree_layout([-1, 1])

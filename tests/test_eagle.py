@@ -74,6 +74,10 @@ def test_speculative_greedy_and_cold_sampling_with_an_eagle_draft_are_plain_gree
     assert torch.equal(gen.tokens, plain)
     if case == "trained":
         assert stats.acceptance > 0.5 and stats.rounds < n
+    wide = EagleDraft(head, model, PROMPT.numel() + n + 16, width=3)
+    tree, tree_stats = speculative_greedy(model, PROMPT, n, wide, k=4)
+    assert torch.equal(tree.tokens, plain)
+    assert tree_stats.accepted >= stats.accepted  # the chain's proposals, plus siblings when the first is wrong
     cold = SamplingConfig(temperature=1e-4, seed=0)
     gen, _ = speculative_sampling(model, PROMPT, n, EagleDraft(head, model, PROMPT.numel() + n + 16), cold, k=4)
     assert torch.equal(gen.tokens, plain)

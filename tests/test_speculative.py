@@ -8,8 +8,8 @@ import torch
 from effspec.generate import SamplingConfig, greedy
 from effspec.models import load_model
 from effspec.registry import get_step
-from effspec.speculative import (DraftDecoder, PromptLookup, frequent_tokens, speculative_greedy,
-                                 speculative_sampling, speculative_step)
+from effspec.speculative import (Branches, DraftDecoder, PromptLookup, accepted_path, frequent_tokens, merge_trees,
+                                 speculative_greedy, speculative_sampling, speculative_step)
 
 # a prompt that repeats itself, so prompt lookup has matches to propose
 PROMPT = torch.tensor(list(b"the cat sat on the mat. the cat sat on the mat. the cat"))
@@ -47,6 +47,63 @@ def test_speculative_greedy_is_plain_greedy(source):
     assert stats.rounds < n  # at least one round kept more than one token
     if source == "itself":
         assert stats.acceptance == 1.0
+
+
+def test_accepted_path_follows_the_child_that_is_the_targets_argmax():
+    #          row: 0  1  2  3  4  5
+    ids, parents = [9, 4, 6, 5, 7, 8], [-1, 0, 1, 0, 3, 4]  # 0 -> 1 -> 2 and 0 -> 3 -> 4 -> 5
+    assert accepted_path(ids, parents, [5, 0, 0, 7, 1, 0]) == [0, 3, 4]  # 5 at row 0 is row 3; then 7: row 4
+    assert accepted_path(ids, parents, [4, 6, 2, 0, 0, 0]) == [0, 1, 2]  # a chain, as plain speculation
+    assert accepted_path(ids, parents, [3, 0, 0, 0, 0, 0]) == [0]  # no child is 3
+    assert accepted_path([9, 4, 5], [-1, 0, 0], [5, 5, 1]) == [0, 2]  # a sibling after the first child
+
+
+class SiblingOracle:
+    """A tree draft that knows the greedy continuation `truth`: a wrong first token with a wrong child, then the
+    right first token as its sibling with the next right tokens below it -- so every round's kept path runs
+    through rows the verify placed after the rejected ones, and the cache must be compacted to stay right."""
+
+    def __init__(self, truth: list[int], vocab: int):
+        self.truth, self.vocab = truth, vocab
+
+    def propose_tree(self, tokens: list[int], k: int) -> tuple[list[int], list[int]]:
+        right = self.truth[len(tokens):len(tokens) + k]
+        if not right:
+            return [], []
+        wrong = (right[0] + 1) % self.vocab
+        return [wrong, wrong] + right, [-1, 0, -1] + list(range(2, len(right) + 1))
+
+
+def test_speculative_greedy_over_a_tree_keeps_the_right_branch_and_stays_exact():
+    model = load_model("tiny-llama").model
+    n = 40
+    plain = greedy(model, PROMPT, n, engine="lean").tokens
+    truth = PROMPT.tolist() + plain.tolist()
+    gen, stats = speculative_greedy(model, PROMPT, n, SiblingOracle(truth, model.config.vocab_size), k=3,
+                                    adaptive=False)
+    assert torch.equal(gen.tokens, plain)
+    assert stats.rounds <= n // 4 + 1  # each round keeps the 3 right proposals and adds the target's next
+
+
+def test_merge_trees_shares_common_prefixes_and_cuts_at_the_budget():
+    chain = ([5, 6, 7], [-1, 0, 1])
+    fork = ([5, 6, 8, 9], [-1, 0, 1, 2])  # 5 6 in common with `chain`, then 8 9
+    assert merge_trees([chain, fork, ([4], [-1])]) == ([5, 6, 7, 8, 9, 4], [-1, 0, 1, 1, 3, -1])
+    assert merge_trees([chain, fork, ([4], [-1])], budget=4) == ([5, 6, 7, 8], [-1, 0, 1, 1])  # 9 and 4 left out
+    assert merge_trees([([], []), chain]) == chain
+    sib = ([1, 2, 3], [-1, -1, 1])  # a draft's own tree: 1 | 2 -> 3
+    assert merge_trees([sib, ([2, 3, 4], [-1, 0, 1])]) == ([1, 2, 3, 4], [-1, -1, 1, 2])
+
+
+def test_branches_of_lookup_and_a_self_draft_are_exact():
+    model = load_model("tiny-llama").model
+    n = 40
+    plain = greedy(model, PROMPT, n, engine="lean").tokens
+    room = PROMPT.numel() + n + 16
+    both = Branches([PromptLookup(), DraftDecoder.self_draft(model, room, n_blocks=1)], budget=6)
+    gen, stats = speculative_greedy(model, PROMPT, n, both, k=4)
+    assert torch.equal(gen.tokens, plain)
+    assert stats.rounds < n and max(stats.lengths) <= 6
 
 
 def test_frequent_tokens_counts_breaks_ties_by_id_and_adds_the_always_ids():
