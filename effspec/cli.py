@@ -290,7 +290,16 @@ def cmd_generate(args) -> None:
         raise UserError("--draft-vocab applies to a --speculate self:N, draft:MODEL or eagle:DIR draft; none was given")
     loaded = load_model(args.model)
     tokenizer = loaded.tokenizer
-    prompt = torch.tensor(tokenizer(args.prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if args.chat:
+        from effspec.train_data import chat_prompt
+
+        try:
+            ids = chat_prompt(tokenizer, args.prompt)
+        except UserError as e:
+            raise UserError(f"--chat: {e} ({args.model}); give the prompt without --chat") from None
+    else:
+        ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    prompt = torch.tensor(ids, dtype=torch.long)
     if prompt.numel() == 0:
         raise UserError("--prompt is empty after tokenization")
     draft = _draft(loaded, prompt, args) if args.speculate else None
@@ -323,7 +332,8 @@ def cmd_generate(args) -> None:
         print(stream.rest(text))
         return
     print(args.prompt + text)
-    print(json.dumps({"text": text, "new_tokens": gen.tokens.numel(), "decode_tokens_per_s": gen.decode_tokens_per_s,
+    rate = gen.decode_tokens_per_s  # NaN with a single new token: no decode step to time
+    print(json.dumps({"text": text, "new_tokens": gen.tokens.numel(), "decode_tokens_per_s": rate if rate == rate else None,
                       "prefill_tokens_per_s": prompt.numel() / gen.prefill_seconds, "acceptance_rate": acceptance,
                       "kv_cache_bytes": gen.cache_bytes}))
 
@@ -699,6 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true",
+                   help="put the prompt in the model's chat template as a user turn (instruction-tuned models)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature; 0 (default) is greedy decoding")
     p.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens only (default 0: all)")

@@ -73,6 +73,14 @@ def _chat_ids(tokenizer, messages: list[dict], open_turn: bool) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
+def chat_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` as a user turn in the tokenizer's chat template, the assistant's turn opened: what a
+    chat model is prompted with."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("this tokenizer has no chat template")
+    return _chat_ids(tokenizer, [{"role": "user", "content": text}], True)
+
+
 def _prompt_and_answer(record: dict, tokenizer, template: str) -> tuple[list[int], list[int]]:
     """Token ids of the prompt (no loss) and of the response that follows it (the loss)."""
     if template == "alpaca":

@@ -321,6 +321,11 @@ def test_generate_speculate_rejects_bad_drafts(cli, spec) -> None:
     assert code == 2 and "--speculate" in err and len(err.strip().splitlines()) == 1
 
 
+def test_generate_chat_needs_a_chat_template(cli) -> None:
+    code, _, err = cli("generate", "tiny-llama", "--prompt", "ab", "--chat")
+    assert "--chat: this tokenizer has no chat template" in assert_user_error(code, err)
+
+
 def test_generate_with_two_drafts_is_greedy_only(cli) -> None:
     args = ("generate", "tiny-llama", "--prompt", "abcabcabc", "--max-new-tokens", "12", "--json")
     code, out, err = cli(*args)

@@ -19,8 +19,8 @@ from effspec.registry import get_step
 from effspec.steps.tune.lora import AdapterConfig, LoRALinear, attach, detach, save_adapter, train_adapter
 from effspec.train import TrainConfig, learning_rate_factor, train
 from effspec.generate import greedy
-from effspec.train_data import (IGNORE, StepBatches, _prompt_and_answer, instruction_examples, lm_examples,
-                                  own_answers, read_instructions)
+from effspec.train_data import (IGNORE, StepBatches, _prompt_and_answer, chat_prompt, instruction_examples,
+                                  lm_examples, own_answers, read_instructions)
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
 FAST = {"steps": 4, "batch_size": 2, "seqlen": 32, "warmup": 1, "grad_checkpointing": False, "bf16": False}
@@ -333,8 +333,11 @@ def test_chat_template_examples_put_the_loss_on_the_assistant_turn():
                {"instruction": "Add these.", "input": "2 and 3", "output": "Five."}]
     with pytest.raises(UserError, match="chat template"):
         instruction_examples(records, tok, 512, template="chat")
+    with pytest.raises(UserError, match="no chat template"):
+        chat_prompt(tok, "Hi there")
     tok.chat_template = ("{% for m in messages %}[{{ m.role }}]{{ m.content }}[end]{% endfor %}"
                          "{% if add_generation_prompt %}[assistant]{% endif %}")
+    assert tok.decode(chat_prompt(tok, "Hi there")) == "[user]Hi there[end][assistant]"  # `generate --chat`'s
     ex = instruction_examples(records, tok, 512, template="chat")
     for (x, y), r in zip(ex, records):
         first = int((y != IGNORE).nonzero()[0])
