@@ -8,6 +8,7 @@ JSON object holding every figure measured.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -365,12 +366,10 @@ def _draft(loaded, prompt, args):
         raise UserError("several --speculate drafts verify a token tree, which greedy decoding without --stop does; "
                         "give one draft to sample or stop")
     room = prompt.numel() + args.max_new_tokens + 16
-    vocab: list = []
 
+    @functools.cache
     def draft_vocab():  # counted once, and only once a draft spec is known to be good (tokenizing takes ~1 s)
-        if not vocab:
-            vocab.append(_draft_vocab(loaded.tokenizer, prompt, args) if args.draft_vocab else None)
-        return vocab[0]
+        return _draft_vocab(loaded.tokenizer, prompt, args) if args.draft_vocab else None
 
     drafts = [_one_draft(loaded, prompt, spec, args, room, draft_vocab) for spec in args.speculate]
     return drafts[0] if len(drafts) == 1 else Branches(drafts)

@@ -75,12 +75,26 @@ def test_speculative_greedy_and_cold_sampling_with_an_eagle_draft_are_plain_gree
     if case == "trained":
         assert stats.acceptance > 0.5 and stats.rounds < n
     wide = EagleDraft(head, model, PROMPT.numel() + n + 16, width=3)
-    tree, tree_stats = speculative_greedy(model, PROMPT, n, wide, k=4)
+    tree, _ = speculative_greedy(model, PROMPT, n, wide, k=4)
     assert torch.equal(tree.tokens, plain)
-    assert tree_stats.accepted >= stats.accepted  # the chain's proposals, plus siblings when the first is wrong
     cold = SamplingConfig(temperature=1e-4, seed=0)
     gen, _ = speculative_sampling(model, PROMPT, n, EagleDraft(head, model, PROMPT.numel() + n + 16), cold, k=4)
     assert torch.equal(gen.tokens, plain)
+
+
+def test_a_wide_draft_proposes_its_chain_then_its_next_likeliest_first_tokens():
+    model = load_model("tiny-llama").model
+    head = EagleHead(model, vocab=frequent_tokens([PROMPT], 8), seed=3).eval()
+    feats = torch.randn(PROMPT.numel() - 1, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    drafts = [EagleDraft(head, model, 64, width=w) for w in (3, 1, 1, 1)]
+    for d in drafts:
+        d.observe(feats)
+    tokens = PROMPT.tolist()
+    ids, parents = drafts[0].propose_tree(tokens, 3)
+    assert ids[:3] == drafts[1].propose(tokens, 3) and parents == [-1, 0, 1, -1, -1]
+    first, logits = drafts[2]._chain(tokens, 1)
+    assert set(ids[3:]) == set(logits.topk(3).indices.tolist()) - set(first)  # the 2nd and 3rd likeliest
+    assert drafts[3].propose_tree(tokens, 3) == (ids[:3], [-1, 0, 1])  # width 1: the plain chain
 
 
 def test_a_draft_must_see_the_features_of_every_token_but_the_newest():
