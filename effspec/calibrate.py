@@ -37,7 +37,7 @@ def block0_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tenso
         hidden = args[0] if args else kwargs.pop("hidden_states")
         xs.append(hidden.detach())
         if not shared:
-            shared.update({k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")})
+            shared.update({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value", "use_cache")})
         raise _Captured
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)

@@ -98,7 +98,7 @@ class HeavyHitterLayer(CompressedLayer):
 
 
 def _after_attention(module: nn.Module, args, kwargs, output) -> None:
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 names it `cache`
     if not isinstance(cache, HeavyHitterCache):
         return
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
