@@ -193,7 +193,7 @@ def pointer_heads(model, prompts, outputs, misses: list[set[int]], top: int = 5)
                 keys = att[layer][0, :, q, :q].argmax(-1)
                 for h in range(heads):
                     s = int(keys[h])
-                    if seq[s] == out[pos - 1] and s + 1 < len(prompt) + pos and seq[s + 1] == out[pos]:
+                    if seq[s] == out[pos - 1] and seq[s + 1] == out[pos]:  # s < q: s + 1 is known text
                         right[layer, h] += 1
                         extra[layer, h] += pos in missed
         del att
