@@ -124,11 +124,10 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
         for i in range(1, 8 // bits):
             out |= per[:, i] << (i * bits)
         return out
-    shifts = torch.arange(bits, dtype=torch.uint8)
-    planes = (flat.view(-1, 8, 1) >> shifts) & 1  # (n/8, 8 codes, bits)
-    planes = planes.reshape(-1, 8)  # bits*n/8 bytes, 8 bits each
-    weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.int32)
-    return (planes.to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    # 3, 5, 6, 7 bits: 8 codes make one 8*bits-bit word (code i at bit bits*i), cut into `bits` bytes, LSB first
+    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64)
+    word = (flat.view(-1, 8).to(torch.int64) << shifts).sum(-1)
+    return torch.stack([(word >> (8 * k)).to(torch.uint8) for k in range(bits)], -1).reshape(-1)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -140,7 +139,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 2:  # four codes per byte (2-bit KV caches unpack every step)
         shifts = torch.arange(0, 8, 2, dtype=torch.uint8)
         return ((packed.view(-1, 1) >> shifts) & 3).reshape(-1)[:numel]
-    planes = (packed.view(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1  # (bytes, 8)
-    planes = planes.reshape(-1, 8, bits)  # (n/8, 8 codes, bits)
-    weights = (1 << torch.arange(bits, dtype=torch.int32)).to(torch.int32)
-    return (planes.to(torch.int32) * weights).sum(-1).to(torch.uint8).reshape(-1)[:numel]
+    # the other widths: `bits` bytes make one word holding 8 codes, code i at bit bits*i (see `pack_bits`)
+    word = (packed.view(-1, bits).to(torch.int64) << torch.arange(0, 8 * bits, 8, dtype=torch.int64)).sum(-1)
+    codes = (word.view(-1, 1) >> torch.arange(0, 8 * bits, bits, dtype=torch.int64)) & (2**bits - 1)
+    return codes.to(torch.uint8).reshape(-1)[:numel]

@@ -105,6 +105,27 @@ def test_joint_prune_and_quantize_beats_prune_then_round():
     assert output_error(W, W_hat, X) < output_error(W, rounded, X)
 
 
+@pytest.mark.parametrize("nm", ["", "2:4"])
+def test_refit_reaches_the_exact_least_squares_weights_of_the_mask(nm):
+    W, X = torch.randn(32, 64, generator=torch.Generator().manual_seed(4)), correlated_inputs()
+    H = hessian(X)
+    plain = sparsegpt_prune(W, H, SparseGPTConfig(sparsity=0.5, nm=nm, block_size=32, refit_iters=0))  # Algorithm 1
+    refit = sparsegpt_prune(W, H, SparseGPTConfig(sparsity=0.5, nm=nm, block_size=32, refit_iters=60))
+    assert torch.equal(refit.keep, plain.keep) and (refit.weight[~refit.keep] == 0).all()
+    Hd = H + 0.01 * torch.diag(H).mean() * torch.eye(64)  # the damped H both solve against
+    exact = torch.zeros_like(W)
+    for r in range(32):  # reference: per row, min (w - w0) Hd (w - w0)^T with the pruned weights held at 0
+        K, P = plain.keep[r], ~plain.keep[r]
+        exact[r, K] = W[r, K] + torch.linalg.solve(Hd[K][:, K], Hd[K][:, P] @ W[r, P])
+    err = lambda V: (((V - W) @ Hd) * (V - W)).sum(1)  # noqa: E731 -- each row's objective
+    assert torch.allclose(err(refit.weight), err(exact), rtol=1e-3)
+    assert (err(refit.weight) <= err(plain.weight) * (1 + 1e-5)).all()  # never worse, row by row
+    assert err(exact).sum() < 0.97 * err(plain.weight).sum()  # and the freeze of Algorithm 1 did cost something
+    assert SparseGPTConfig().refit_steps == 20 and SparseGPTConfig(bits=4).refit_steps == 0  # the defaults
+    with pytest.raises(ValueError, match="refit_iters"):
+        SparseGPTConfig(bits=4, refit_iters=5)
+
+
 def test_bad_sparsegpt_configs():
     with pytest.raises(ValueError, match="bits"):
         SparseGPTConfig(bits=5)

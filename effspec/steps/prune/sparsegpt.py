@@ -21,6 +21,16 @@ group's first column, as in the reference code. The layer is then a packed
 `QuantLinear` (its zeros are codes, so storage is that of the bit width);
 without `bits` a `SparseLinear` (bitmask + values).
 
+After Algorithm 1, prune-only runs re-solve the kept weights for the final
+mask (`refit_iters`, default 20; 0 gives Algorithm 1 alone): the sweep never
+revisits a column, so weights kept left of a column pruned later never
+compensate for it. `refit` runs conjugate-gradient steps on the row-wise
+least-squares problem the paper states (Sec. 3.1) and avoids at scale for its
+cost (a different H_KK per row). On smollm2-135m at 50% (8x1024 calibration,
+4 eval windows, 1 thread) it took perplexity from 49.07 to 45.62 (20 steps) or
+45.76 (50 steps); the 20 steps added 109 s to Algorithm 1's 203 s (2 busy
+cores). Each step is one (out, in) x (in, in) product per layer.
+
 Calibration runs block by block through `effspec.layerwise` (true-sequential
 by default); H is damped by `dampening` times its mean diagonal.
 
@@ -56,6 +66,7 @@ class SparseGPTConfig(CalibratedPruneConfig):
     block_size: int = 128  # lazy-batch and mask-selection width (the paper's B_s = 128)
     dampening: float = 0.01
     true_sequential: bool = True
+    refit_iters: int | None = None  # re-solve the kept weights for the final mask (`refit`); None: 20, 0 with bits
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,11 +75,19 @@ class SparseGPTConfig(CalibratedPruneConfig):
         expect(self.group_size >= 0, "group_size", self.group_size, "0 (per-channel) or a positive divisor of the input width")
         expect(self.block_size >= 1, "block_size", self.block_size, "a positive number of columns")
         expect(0 < self.dampening < 1, "dampening", self.dampening, "a fraction in (0, 1)")
+        expect(self.refit_iters is None or self.refit_iters >= 0, "refit_iters", self.refit_iters,
+               "0 (Algorithm 1 alone) or a number of iterations")
+        expect(not (self.refit_iters and self.bits), "refit_iters", self.refit_iters,
+               "0 with bits (a refit would move weights off the quantization grid)")
         if self.pattern:
             expect(self.block_size % self.pattern[1] == 0, "block_size", self.block_size, f"a multiple of M={self.pattern[1]}")
         if self.bits and self.group_size:
             expect(self.block_size % self.group_size == 0, "block_size", self.block_size,
                    f"a multiple of group_size={self.group_size}")
+
+    @property
+    def refit_steps(self) -> int:
+        return (0 if self.bits else 20) if self.refit_iters is None else self.refit_iters
 
     @property
     def grid(self) -> Grid | None:
@@ -92,6 +111,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, cfg: SparseGPTConfig) -> P
     dead = torch.diag(H) == 0  # inputs never active: their weights can go at no cost
     H[dead, dead] = 1
     W[:, dead] = 0
+    W0 = W.clone() if cfg.refit_steps else None
     H += cfg.dampening * torch.mean(torch.diag(H)) * torch.eye(n)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     grid = cfg.grid
@@ -133,7 +153,40 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, cfg: SparseGPTConfig) -> P
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     if grid:
         return Pruned(Q, keep, codes, scale, minimum)
+    if cfg.refit_steps:
+        Q = refit(Q, W0, H, keep, cfg.refit_steps)
     return Pruned(Q, keep)
+
+
+def refit(W: torch.Tensor, W0: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, iters: int) -> torch.Tensor:
+    """Lower every row's (w - w0) H (w - w0)^T over its kept weights, starting from W (pruned ones stay 0).
+
+    Algorithm 1 freezes a column once it is visited, so kept weights left of a
+    later-pruned column never compensate for it; the best weights for the final
+    mask solve H_KK w_K = H_K: w0 per row. Exact solves cost a Cholesky of each
+    row's own H_KK; instead, `iters` steps of Jacobi-preconditioned conjugate
+    gradient run on all rows at once (one (out, in) x (in, in) product a step).
+    Each step lowers every row's error, so the result is never worse than W.
+    """
+    M = keep.float()
+    X = W.clone()
+    R = ((W0 - X) @ H) * M  # minus half the gradient, on the kept weights
+    Dinv = 1 / torch.diag(H)
+    Z = R * Dinv
+    P = Z.clone()
+    rz = (R * Z).sum(1)
+    for _ in range(iters):
+        AP = (P @ H) * M
+        pAp = (P * AP).sum(1)
+        alpha = torch.where(pAp > 0, rz / pAp, torch.zeros_like(pAp))
+        X += alpha[:, None] * P
+        R -= alpha[:, None] * AP
+        Z = R * Dinv
+        rz_next = (R * Z).sum(1)
+        beta = torch.where(rz > 0, rz_next / rz, torch.zeros_like(rz))
+        P = Z + beta[:, None] * P
+        rz = rz_next
+    return X
 
 
 @register("sparsegpt", family="prune", stage="inference", config=SparseGPTConfig, calibration=True)
