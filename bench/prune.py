@@ -156,6 +156,7 @@ SETTINGS_TABLE: tuple[tuple[str, str, tuple | None], ...] = (
     ("sparsegpt-70", "[{sparsegpt: {sparsity: 0.7}}]", (llmc_prune("SparseGPTModifier", "0:0", 0.7),)),
     ("sparsegpt-70-owl", "[{sparsegpt: {sparsity: 0.7, allocation: owl}}]", NO_PEER),
     ("asvd-80-search", "[{asvd: {ratio: 0.8, rank_search: sensitivity}}]", NO_PEER),
+    ("asvd-60-search", "[{asvd: {ratio: 0.6, rank_search: sensitivity}}]", NO_PEER),
 )
 # quantize.Setting types modifiers as a tuple: NO_PEER (None) is a marker it never needed
 SETTINGS = {name: Setting(name, steps, peer) for name, steps, peer in SETTINGS_TABLE}  # type: ignore[arg-type]
@@ -453,7 +454,8 @@ def verdicts(comps: list[dict]) -> list[str]:
             line += f" (not at equal parameter count: {a / 1e6:.2f}M vs {b / 1e6:.2f}M)"
         out.append(line)
     out += [below(by, f"{m}-70-owl", f"{m}-70", 1.0) for m in ("wanda", "sparsegpt")]
-    out.append(below(by, "asvd-80-search", "asvd-80", 1.0))
+    for ratio in ("80", "60"):  # ASVD with its paper's rank search, against uniform SVD and ASVD
+        out += [below(by, f"asvd-{ratio}-search", f"{base}-{ratio}", 1.0) for base in ("svd", "asvd")]
     fl, w = by.get("float"), by.get("prune-width-20")
     label = f"prune-width-20 decode >= {TARGET_WIDTH_SPEEDUP:.2f}x float32's"
     if fl and w:
