@@ -7,7 +7,7 @@ group-64 weights; drop-layers removing 4 and 8 of the 30 blocks; prune-width
 removing 20% and 35% of the parameters; SVD and ASVD keeping 80% and 60% of
 the linear parameters; and per-layer allocation against uniform at the same
 budget: Wanda and SparseGPT at 70% uniform and with OWL's block sparsities,
-ASVD 80% with its sensitivity-based rank search; Wanda and SparseGPT at 50%
+ASVD 80% and 60% with its sensitivity-based rank search; Wanda and SparseGPT at 50%
 and 2:4 again as `<name>-bf16`, effspec's calibration forwards in bf16 (as in
 bench/quantize.py), against the same llm-compressor rows. Each setting runs
 once per side it has:
