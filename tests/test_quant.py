@@ -46,7 +46,7 @@ def test_rtn_matches_reference_quantizer(bits, group, symmetric):
     assert torch.equal(q.codes().max() <= 2**bits - 1, torch.tensor(True))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 def test_pack_unpack_roundtrip_and_bytes(bits):
     q = torch.randint(0, 2**bits, (13, 24), dtype=torch.uint8)
     packed = pack_bits(q, bits)
@@ -235,3 +235,12 @@ def test_odd_widths_decode_correctly(bits, K):
     with kernels(False):
         exact = q(x)
     assert torch.allclose(q(x), exact, atol=1e-4, rtol=1e-4)  # float-activation kernel or exact path
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])
+def test_pack_bits_layout_is_lsb_first_bit_stream(bits):
+    """The stored byte layout (saved models depend on it): code i fills bits [bits*i, bits*(i+1)) of one stream."""
+    q = torch.randint(0, 2**bits, (40,), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    stream = [(int(c) >> b) & 1 for c in q for b in range(bits)]  # reference: one bit at a time, LSB first
+    expected = [sum(stream[8 * k + j] << j for j in range(8)) for k in range(len(stream) // 8)]
+    assert pack_bits(q, bits).tolist() == expected
