@@ -24,7 +24,13 @@ Settings: `float` (f32 throughout), `rtn-w4-g32` (symmetric: Q4_0 blocks),
 random rank-16 LoRA adapters on every projection of every block, kept beside
 the packed base as QLoRA leaves them: exported as `model.lora.gguf`, which
 llama.cpp applies with `--lora`; also scored without the adapter, to show it
-is applied). llama.cpp's Q4/Q8 matmuls round the activations to 8 bits, so
+is applied), `float-q4_k` and `float-q6_k` (the float model exported with
+`--type q4_k` / `q6_k`: the K-quant blocks effspec.export.kquants encodes,
+with llama.cpp's fallback types on rows that are not a multiple of 256) and
+`float-q8_0` (`--type q8_0`, gguf-py's own encoder: the control for those two).
+For these three the effspec side is the file read back by transformers' GGUF
+loader, i.e. gguf-py's decoding of the same bytes. llama.cpp's Q4/Q8 matmuls
+round the activations to 8 bits (per 256 columns against Q4_K and Q6_K), so
 packed settings cannot agree to float precision; the float row shows the
 floor of the comparison itself.
 
@@ -47,12 +53,15 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2-raw"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "llamacpp_export.json"
 MODEL = "smollm2-135m"
-SETTINGS = {  # name -> (rtn fields or None, LoRA adapters or not)
-    "float": (None, False),
-    "rtn-w4-g32": ({"bits": 4, "group_size": 32, "symmetric": True}, False),
-    "rtn-w4-g32-asym": ({"bits": 4, "group_size": 32, "symmetric": False}, False),
-    "rtn-w8-g32": ({"bits": 8, "group_size": 32, "symmetric": True}, False),
-    "qlora-w4-g32": ({"bits": 4, "group_size": 32, "symmetric": True}, True),
+SETTINGS = {  # name -> (rtn fields or None, LoRA adapters or not, --type of the export)
+    "float": (None, False, "f32"),
+    "rtn-w4-g32": ({"bits": 4, "group_size": 32, "symmetric": True}, False, "f32"),
+    "rtn-w4-g32-asym": ({"bits": 4, "group_size": 32, "symmetric": False}, False, "f32"),
+    "rtn-w8-g32": ({"bits": 8, "group_size": 32, "symmetric": True}, False, "f32"),
+    "qlora-w4-g32": ({"bits": 4, "group_size": 32, "symmetric": True}, True, "f32"),
+    "float-q4_k": (None, False, "q4_k"),
+    "float-q6_k": (None, False, "q6_k"),
+    "float-q8_0": (None, False, "q8_0"),  # the control for the two above: gguf-py's own encoder, the same reading
 }
 LORA_RANK, LORA_SCALING, LORA_STD = 16, 2.0, 0.04
 
@@ -107,7 +116,7 @@ def build(name: str):
     from effspec.steps.tune.lora import LoRALinear
     from effspec.surgery import replace_module
 
-    grid, lora = SETTINGS[name]
+    grid, lora, _ = SETTINGS[name]
     loaded = load_model(MODEL)
     if grid is not None:
         rtn = get_step("rtn")
@@ -188,7 +197,15 @@ def main(argv: list[str] | None = None) -> int:
             loaded = build(name)
             ours = log_probs(loaded.model, ids)
             gguf_path = work / f"{name}.gguf"
-            report = export(loaded, "gguf", gguf_path, "f32")
+            gguf_type = SETTINGS[name][2]
+            report = export(loaded, "gguf", gguf_path, gguf_type)
+            if gguf_type != "f32":  # requantized: effspec's side is the file as transformers (gguf-py) reads it
+                import transformers
+
+                back = transformers.AutoModelForCausalLM.from_pretrained(str(work), gguf_file=gguf_path.name,
+                                                                         dtype=torch.float32)
+                ours = log_probs(back, ids)
+                del back
             row = {"setting": name, "gguf_bytes": report.bytes, "exact_layers": len(report.exact),
                    "tensor_types": report.tensor_types, "adapter_layers": report.adapter_layers,
                    "effspec_vs_float": internal(float_lp, ours)}

@@ -794,7 +794,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a directory saved by `effspec run`, or any MODEL")
     p.add_argument("--format", required=True, help="compressed-tensors (a directory) or gguf (a .gguf file)")
     p.add_argument("--out", required=True, help="output directory (compressed-tensors) or .gguf file (written atomically)")
-    p.add_argument("--type", help="gguf: type of tensors without an exact GGML form: q8_0 (default), q4_0, q4_1, f16, bf16, f32")
+    p.add_argument("--type", help=("gguf: type of tensors without an exact GGML form: q8_0 (default), q4_0, q4_1, q4_k, q6_k, f16, bf16, "
+                        "f32 (q4_k/q6_k rows that are not a multiple of 256: q5_0/q8_0)"))
     p.add_argument("--force", action="store_true", help="replace an existing effspec export")
     p.set_defaults(fn=cmd_export)
     return parser

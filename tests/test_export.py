@@ -18,7 +18,7 @@ from effspec.cli import main
 from effspec.errors import UserError
 from effspec.export import export
 from effspec.export.gguf import llama_permute, read_metadata, write_gguf
-from effspec.fsutil import atomic_dir
+from effspec.fsutil import atomic_dir, current_umask
 from effspec.layers import QuantLinear, kernels
 from effspec.models import load_model, save_model
 from effspec.registry import get_step
@@ -116,6 +116,81 @@ def test_gguf_requantizes_what_has_no_block_type_and_the_embeddings(tmp_path):
     ours = logits(loaded.model)
     diff = max_diff(ours, logits(back), "gguf w8 g32 asym requantized to q8_0")
     assert 0 < diff < 0.05 * ours.abs().max().item()  # a second rounding: close, not equal
+
+
+# ---- K-quants (effspec.export.kquants writes them; gguf-py, the reference here, only reads them) ------------------
+def on_k_grid(qtype: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n rows of 256 weights that a `qtype` block holds exactly: float16 super-scales times integer sub-scales times
+    codes, each sub-block reaching both ends of its code range and each super-block its largest sub-scale."""
+    d = rng.uniform(1e-3, 1e-2, (n, 1, 1)).astype(np.float16).astype(np.float32)
+    if qtype == "Q4_K":
+        dmin = rng.uniform(1e-3, 1e-2, (n, 1, 1)).astype(np.float16).astype(np.float32)
+        sc, mn = rng.integers(1, 64, (n, 8, 1)), rng.integers(0, 64, (n, 8, 1))
+        sc[:, 0], mn[:, 1] = 63, 63
+        q = rng.integers(0, 16, (n, 8, 32))
+        q[..., 0], q[..., 1] = 0, 15
+        w = d * sc * q - dmin * mn
+    else:
+        sc = rng.integers(-127, 128, (n, 16, 1))
+        sc[:, 0] = 127
+        q = rng.integers(-32, 32, (n, 16, 16))
+        q[..., 0] = -32
+        w = d * sc * q
+    return w.astype(np.float32).reshape(n, 256)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_kquant_blocks_hold_weights_on_their_grid_exactly(qtype):
+    from effspec.export import kquants
+
+    t = gguf.GGMLQuantizationType[qtype]
+    W = on_k_grid(qtype, 6, np.random.default_rng(0))
+    blocks = kquants.quantize(W, t)
+    assert blocks.shape == (6, gguf.GGML_QUANT_SIZES[t][1]) and blocks.dtype == np.uint8
+    assert np.array_equal(gguf.quants.dequantize(blocks, t), W)
+    with pytest.raises(ValueError):
+        kquants.quantize(W[:, :192], t)  # not whole super-blocks
+
+
+def test_kquants_beat_the_simpler_blocks_of_their_size():
+    """Q4_K (4.5 bits a weight) against Q4_0 (4.5) and Q4_1 (5.0); Q6_K (6.56) against Q5_0 (5.5) and within the error
+    of a plain 6-bit grid with one float scale per 16 weights (written here), which its int8 sub-scales approximate."""
+    from effspec.export import kquants
+
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((32, 1024)).astype(np.float32)
+    W[:, 7] *= 10  # an outlier column, as real layers have
+    T = gguf.GGMLQuantizationType
+
+    def err(t):
+        blocks = kquants.quantize(W, t) if t in kquants.ENCODERS else gguf.quants.quantize(W, t)
+        return float(((gguf.quants.dequantize(blocks, t) - W) ** 2).mean())
+
+    assert err(T.Q4_K) < min(err(T.Q4_0), err(T.Q4_1))
+    assert err(T.Q6_K) < err(T.Q5_0)
+    sub = W.reshape(-1, 16)
+    peak = np.take_along_axis(sub, np.abs(sub).argmax(1)[:, None], 1)
+    s = peak / -32
+    plain6 = float(((np.clip(np.rint(sub / s), -32, 31) * s - sub) ** 2).mean())
+    assert err(T.Q6_K) < 1.1 * plain6
+
+
+def test_gguf_k_type_export_falls_back_on_short_rows_and_reloads(tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                   eos_token_id=256, pad_token_id=256, bos_token_id=256)
+    base = load_model("tiny-llama")
+    torch.manual_seed(0)
+    base.model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    report = write_gguf(base, tmp_path / "m.gguf", "q6_k")
+    assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == 0o666 & ~current_umask()  # not mkstemp's 0600
+    tensors = gguf_tensors(tmp_path / "m.gguf")
+    assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q6_K"  # rows of 256: one super-block
+    assert tensors["blk.0.ffn_up.weight"].tensor_type.name == "Q8_0"  # rows of 64: llama.cpp's fallback for Q6_K
+    assert report.converted["model.layers.1.mlp.down_proj.weight"] == "Q6_K"
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    ours = logits(base.model)
+    assert 0 < max_diff(ours, logits(back), "gguf float model as q6_k / q8_0") < 0.05 * ours.abs().max().item()
 
 
 def test_gguf_tokenizer_for_the_byte_tokenizer(tmp_path):

@@ -85,6 +85,23 @@ def test_atomic_dir_leaves_nothing_when_interrupted(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_outputs_get_the_modes_of_ordinary_new_files(tmp_path):
+    """Temporary files and directories are private (0600/0700); what they become must not stay so."""
+    import os
+
+    from effspec.fsutil import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("x")
+        atomic_write_text(tmp_path / "report.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_block_runner_feeds_each_block_what_the_model_would(name):
     model = load_model(name).model

@@ -22,9 +22,11 @@ rounded again -- so `gguf.quants.dequantize` of the written tensor equals
 `QuantLinear.dequantized_weight()` bit for bit (tests check it). Other packed
 layers (8-bit asymmetric, groups not a multiple of 32, float32 scales, nf4,
 fp8, ...) and float 2-D tensors (token embeddings, an untied head, float linear layers) are
-quantized by `gguf.quants` to `--type` (q8_0 by default, as llama.cpp's
-converter offers; f32/f16/bf16/q4_0/q4_1 too), falling back to f16 for rows
-that are not a multiple of 32, as the converter does. 1-D tensors (norms,
+quantized to `--type`: q8_0 by default, as llama.cpp's converter offers;
+f32/f16/bf16/q4_0/q4_1 too, through `gguf.quants`, and the K-quants q4_k/q6_k
+through effspec.export.kquants (rows that are not a multiple of 256 fall back
+to q5_0/q8_0, as llama.cpp's quantizer does). Rows that are not a multiple of
+32 are written f16, as the converter does. 1-D tensors (norms,
 biases) stay float32.
 
 Names, metadata and layout follow llama.cpp's `convert_hf_to_gguf.py`
@@ -61,17 +63,21 @@ from torch import nn
 from gguf import GGMLQuantizationType as T
 
 from effspec.errors import UserError
-from effspec.export import ExportReport, float_state, split_layers
+from effspec.export import ExportReport, float_state, kquants, split_layers
+from effspec.fsutil import temp_file_beside
 from effspec.layers import QuantLinear
 
 log = logging.getLogger(__name__)
 
-FLOAT_TYPES = {"q8_0": T.Q8_0, "f16": T.F16, "f32": T.F32, "bf16": T.BF16, "q4_0": T.Q4_0, "q4_1": T.Q4_1}
+FLOAT_TYPES = {"q8_0": T.Q8_0, "f16": T.F16, "f32": T.F32, "bf16": T.BF16, "q4_0": T.Q4_0, "q4_1": T.Q4_1,
+               "q4_k": T.Q4_K, "q6_k": T.Q6_K}
 DEFAULT_FLOAT_TYPE = "q8_0"  # the most compact of llama.cpp converter's usual --outtype choices (f32 f16 bf16 q8_0)
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 FILE_TYPES = {T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTLY_F16,
               T.BF16: gguf.LlamaFileType.MOSTLY_BF16, T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
-              T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
+              T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+              T.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S, T.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
+              T.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0}
 MARKER_KEY = "effspec.export_version"  # lets --force recognize a file effspec wrote
 QK = 32  # GGML block length of Q4_0 / Q4_1 / Q8_0
 
@@ -284,12 +290,20 @@ class _Writer(gguf.GGUFWriter):
 
 # ---- tensors -------------------------------------------------------------------------------------
 def _float_tensor(data: torch.Tensor, qtype: T) -> tuple[np.ndarray, T]:
-    """A float tensor in `qtype` via gguf.quants (1-D: float32; rows not a multiple of 32: float16)."""
+    """A float tensor in `qtype` via gguf.quants or effspec.export.kquants (1-D: float32; rows that are not whole
+    K-quant super-blocks: llama.cpp's fallback type; rows not a multiple of 32: float16)."""
     arr = data.detach().float().contiguous().numpy()
     if arr.ndim == 1 or qtype == T.F32:
         return arr, T.F32
     if qtype == T.F16:
         return arr.astype(np.float16), T.F16
+    if qtype in kquants.ENCODERS:
+        try:
+            return kquants.quantize(arr, qtype), qtype
+        except ValueError:
+            log.debug("gguf export: row length %d is not a multiple of %d; writing %s instead of %s", arr.shape[-1],
+                     kquants.QK_K, kquants.FALLBACK[qtype].name, qtype.name)
+            qtype = kquants.FALLBACK[qtype]
     try:
         return gguf.quants.quantize(arr, qtype), qtype
     except (gguf.quants.QuantError, ValueError):
@@ -331,7 +345,7 @@ def write_file(w: gguf.GGUFWriter, out: Path) -> None:
     """Write `w` to `out` through a temporary file in the same directory, renamed when complete."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    fd, tmp = temp_file_beside(out)
     os.close(fd)
     try:
         w.write_header_to_file(Path(tmp))
@@ -426,6 +440,7 @@ def write_gguf(loaded, out: Path, float_type: str = DEFAULT_FLOAT_TYPE, adapter:
             out.unlink(missing_ok=True)  # the base alone is not the model
             raise
         report.adapter = str(gguf_adapter_path(out))
-    log.info("gguf: %d packed layers exact, %d tensors converted (%s), %s", len(report.exact),
-             len(report.converted), float_type, out)
+    converted = Counter(report.converted.values())
+    log.info("gguf: %d packed layers exact, %d tensors converted (%s), %s", len(report.exact), len(report.converted),
+             ", ".join(f"{n} {t.lower()}" for t, n in converted.most_common()) or float_type, out)
     return report
