@@ -161,6 +161,10 @@ def build_settings() -> dict[str, Setting]:
                           (("SpinQuantModifier", {"rotations": ["R1", "R4"], "transform_type": "random-hadamard"}),
                            ("GPTQModifier", weight_only(bits, group, True))))
         out += [rotated, bf16_variant(rotated, f"[{{rotate: {{seed: 0}}}}, {{gptq: {{{_grid(bits, group, True)}, {BF16}}}}}]")]
+    # the model's own grid: smollm2's float weights came from 4-bit group-32 asymmetric blocks (GGML Q4_1), so RTN on
+    # that grid must give float32's perplexity back (within 0.5%); anything more means grouping or packing is wrong
+    out.append(Setting("rtn-w4g32-asym", f"[{{rtn: {{{_grid(4, 32, False)}}}}}]",
+                       (("QuantizationModifier", weight_only(4, 32, False)),)))
     # the w4 g64 layers plus an 8-bit per-channel output head: what llama.cpp's 4-bit files do with the head
     head8 = weight_only(4, 64, True)
     head8["config_groups"]["group_0"]["targets"] = ["re:.*_proj$"]
@@ -575,6 +579,33 @@ def table(comps: list[dict]) -> str:
     return text + ("\n\nnotes:\n" + "\n".join(notes) if notes else "")
 
 
+TARGET_OVER_FLOAT = {"w4g64": 0.15, "w3g64": 1.00}  # the best effspec recipe per grid, perplexity over float32
+TARGET_OWN_GRID = 0.005  # rtn-w4g32-asym: the grid the float weights came from
+
+
+def quality_verdicts(by: dict, float_ppl: float) -> list[str]:
+    """The issue's perplexity-over-float targets, from effspec's rows (`by`: (setting, side) -> row)."""
+    ppl = {s: r["perplexity"] for (s, side), r in by.items() if side == "effspec" and r.get("perplexity")}
+    out = []
+    for grid, limit in TARGET_OVER_FLOAT.items():
+        mine = {s: p for s, p in ppl.items() if s.endswith(f"-{grid}")}
+        if mine:
+            best = min(mine, key=mine.get)
+            over = mine[best] / float_ppl - 1
+            out.append(f"best {grid} recipe {best} {mine[best]:.3f}, {over:+.1%} over float32 (target within "
+                       f"{limit:.0%}: {'met' if over <= limit else 'missed'})")
+    for grid in ("w3g64", "w2g64"):
+        rot, plain = ppl.get(f"rotategptq-{grid}"), ppl.get(f"gptq-{grid}")
+        if rot and plain:
+            out.append(f"rotate+gptq {grid} {rot:.3f} against gptq alone {plain:.3f} (target below: "
+                       f"{'met' if rot < plain else 'missed'})")
+    if (own := ppl.get("rtn-w4g32-asym")) is not None:
+        over = own / float_ppl - 1
+        out.append(f"rtn-w4g32-asym (the model's own grid) {own:.3f}, {over:+.2%} over float32 (target within "
+                   f"{TARGET_OWN_GRID:.1%}: {'met' if abs(over) <= TARGET_OWN_GRID else 'missed'})")
+    return out
+
+
 def verdicts(comps: list[dict], rows: list[dict]) -> list[str]:
     """The issue's targets, each with the settings that miss it."""
     both = [c for c in comps if c["perplexity_ratio"] is not None and c["setting"] != "float"]
@@ -606,6 +637,8 @@ def verdicts(comps: list[dict], rows: list[dict]) -> list[str]:
                    f"the model's {worst['model_bytes'] / 2**30:.2f} GiB)" + (f"; missed by {', '.join(miss)}" if miss else ""))
     by = {(r["setting"], r["side"]): r for r in rows if r.get("status") == "ok"}
     fl, lc = by.get(("float", "effspec")), by.get(("llamacpp-q4_1", "llamacpp"))
+    if fl:
+        out += quality_verdicts(by, fl["perplexity"])
     for name in ("rtn-w4g64", "rtn-w4g64-head8"):
         w4 = by.get((name, "effspec"))
         if not w4:
