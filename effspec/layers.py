@@ -9,7 +9,8 @@ rows (tokens) in the input:
 
 - kernel, below `KERNEL_MAX_ROWS` rows (decode): for 4- and 8-bit codes,
   effspec's own matrix-vector kernels (`effspec.kernels`, compiled on first
-  use), which read the packed bytes in place. By default they round the
+  use), which read the packed bytes in place; 2- and 3-bit codes go through
+  the 4-bit kernel from a nibble copy made on first use. By default they round the
   activations to int8 per 32 columns as llama.cpp does (integer dot products;
   outputs within ~1% of the exact path); `EFFSPEC_KERNEL_ACTIVATIONS=float`
   keeps float32 activations, exact up to summation order. Where they are not
@@ -145,12 +146,15 @@ class QuantLinear(nn.Module):
         g, N, K = self.grid, self.out_features, self.in_features
         form: tuple = ("none",)
         # effspec's kernels take any 8-bit grid and 4-bit groups of whole bytes (int8 activations need
-        # groups of 32; other widths use their float-activation path)
-        if (g.bits == 8 or (g.bits == 4 and self.group % 2 == 0)) and effspec_kernels.available():
+        # groups of 32; other widths use their float-activation path). 2- and 3-bit codes are 4-bit codes that
+        # leave the top values unused (w = q * scale + minimum either way): they run as 4-bit from a nibble copy
+        # built here, a run-time copy of 4 bits a weight, as torch's int4 path below makes its own
+        if (g.bits == 8 or (g.bits <= 4 and self.group % 2 == 0)) and effspec_kernels.available():
             bias = effspec_kernels.EMPTY if self.bias is None else self.bias.float().contiguous()
+            codes, bits = (self.qweight, g.bits) if g.bits in (4, 8) else (pack_bits(self.codes(), 4), 4)
             # everything the call needs, so the decode path reads no module attributes
-            form = ("cpp", effspec_kernels.lowbit_linear_fn(), self.qweight, self.scales.float().contiguous(),
-                    self.minimums().contiguous(), bias, N, K, self.group, g.bits)
+            form = ("cpp", effspec_kernels.lowbit_linear_fn(), codes, self.scales.float().contiguous(),
+                    self.minimums().contiguous(), bias, N, K, self.group, bits)
         elif g.bits <= 4 and N % 16 == 0:
             group = self.group if self.group in INT4_GROUPS else next(
                 (c for c in (64, 32) if g.group_size == 0 and K % c == 0), None)
