@@ -126,7 +126,7 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
         return out
     # 3, 5, 6, 7 bits: 8 codes fill `bits` bytes, code i at bits [bits*i, bits*(i+1)) of the run, LSB first. Each code
     # is OR-ed into the one or two bytes it touches, in uint8 (shifts drop the bits that belong to the next byte):
-    # no wider temporaries, 5x faster than forming 64-bit words
+    # no wider temporaries, ~6x faster than forming 64-bit words (unpacking below: ~5x)
     codes = flat.view(-1, 8)
     out = torch.zeros(codes.shape[0], bits, dtype=torch.uint8)
     for i in range(8):

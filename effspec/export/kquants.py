@@ -46,9 +46,9 @@ def _fit_affine(x: np.ndarray, scale: np.ndarray, minimum: np.ndarray, qmax: int
         q = np.clip(_round((x - m[:, None]) / np.where(s > 0, s, 1)[:, None]), 0, qmax)
         return ((s[:, None] * q + m[:, None] - x) ** 2).sum(1), q
 
+    n = x.shape[1]
     best_e, q = err(scale, minimum)
     for _ in range(2):
-        n = x.shape[1]
         sq, sx, sqq, sqx = q.sum(1), x.sum(1), (q * q).sum(1), (q * x).sum(1)
         det = n * sqq - sq * sq
         with np.errstate(divide="ignore", invalid="ignore"):
