@@ -3,7 +3,8 @@
 `smollm2-135m` under the BENCHMARKS.md protocol (../shared/BENCHMARKS.md), for
 every setting of `SETTINGS_TABLE` (issue 4): float32; magnitude, Wanda and
 SparseGPT at 50% unstructured, 2:4 and 4:8; SparseGPT 50% jointly with 4-bit
-group-64 weights; drop-layers removing 4 and 8 of the 30 blocks; prune-width
+group-64 weights, and then GPTQ w4 g64 as a second step (`sparsegpt-50+gptq-w4g64`,
+the pruned layers kept sparse; llm-compressor's row is the joint one's); drop-layers removing 4 and 8 of the 30 blocks; prune-width
 removing 20% and 35% of the parameters; SVD and ASVD keeping 80% and 60% of
 the linear parameters; and per-layer allocation against uniform at the same
 budget: Wanda and SparseGPT at 70% uniform and with OWL's block sparsities,
@@ -164,6 +165,12 @@ SETTINGS = {name: Setting(name, steps, peer) for name, steps, peer in SETTINGS_T
 for _name in ("wanda-50", "wanda-24", "wanda-48", "sparsegpt-50", "sparsegpt-24", "sparsegpt-48"):
     _s = SETTINGS[_name]
     SETTINGS[f"{_name}-bf16"] = bf16_variant(_s, _s.steps.replace("}}]", f", {BF16}}}}}]"))
+# SparseGPT then GPTQ as two steps (the pruned layers stay sparse through GPTQ), as llm-compressor chains them: the
+# joint setting's llm-compressor row is this one's too
+_joint = SETTINGS["sparsegpt-50-w4g64"]
+SETTINGS["sparsegpt-50+gptq-w4g64"] = Setting("sparsegpt-50+gptq-w4g64",
+                                              "[{sparsegpt: {sparsity: 0.5}}, {gptq: {bits: 4, group_size: 64}}]",
+                                              _joint.modifiers, peer_of=_joint.name)
 
 
 def has_peer(name: str) -> bool:
@@ -210,13 +217,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, default, what in COUNTS:
         p.add_argument(f"--{flag}", type=count, default=default, help=f"{what} (default {default})")
     p.add_argument("--skip-peer", action="store_true", help="effspec only (no llm-compressor)")
+    p.add_argument("--skip-effspec", action="store_true",
+                   help="llm-compressor only (e.g. its slow rows in a second process beside an effspec run)")
     p.add_argument("--fresh", action="store_true", help="ignore rows cached in --out (e.g. after a code change)")
     p.add_argument("--retry-errors", action="store_true", help="run again the cached rows that ended in an error")
     p.add_argument("--peer-venv", type=Path, default=quantize.DEFAULT_PEER_VENV,
                    help="llm-compressor's venv, created when missing (default bench/.venv-llmc, shared with quantize.py)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON rows, also the resume cache (default bench/results/prune.json)")
     p.add_argument("--effspec-worker", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one setting, effspec side
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.skip_peer and args.skip_effspec:
+        p.error("--skip-peer and --skip-effspec leave nothing to run")
+    return args
 
 
 # ---- shared inputs ---------------------------------------------------------------------------------------------
@@ -513,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         run = Run(args, protocol, work)
         for name in args.settings:
-            for side in SIDES if has_peer(name) and not args.skip_peer else SIDES[:1]:
+            sides = SIDES if has_peer(name) and not args.skip_peer else SIDES[:1]
+            for side in sides[1:] if args.skip_effspec else sides:
                 run.run(SETTINGS[name], side)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -44,6 +44,7 @@ from torch import nn
 from effspec import kernels as effspec_kernels
 from effspec.frozen import frozen_linear, needs_grad
 from effspec.layers_float import FP8Linear, NF4Linear  # never imports this module: no cycle
+from effspec.errors import UserError
 from effspec.sparsity import SparseLinear  # never imports this module: no cycle
 from effspec.quant import Grid, dequantize, grid_params, pack_bits, quantize, storage_dtype, unpack_bits
 
@@ -98,13 +99,13 @@ class QuantLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, grid: Grid, where: str = "") -> "QuantLinear":
-        """Round-to-nearest quantization of a float linear layer."""
+    def from_linear(cls, linear: nn.Module, grid: Grid, where: str = "") -> "QuantLinear":
+        """Round-to-nearest quantization of a float linear layer, or of a pruned one (kept sparse)."""
         W = linear.weight.detach().float()
         group = grid.group_for(W.shape[1], where)
         scale, minimum = grid_params(W, grid, group)
         q = quantize(W, scale, minimum, grid)
-        return cls.from_codes(q, scale, minimum, grid, linear.bias)
+        return packed_layer(q, scale, minimum, grid, linear.bias, pruned_mask(linear, grid, where))
 
     def manifest(self) -> dict:
         """What `effspec.models` needs to rebuild an empty layer of this shape before loading."""
@@ -151,7 +152,7 @@ class QuantLinear(nn.Module):
         # built here, a run-time copy of 4 bits a weight, as torch's int4 path below makes its own
         if (g.bits == 8 or (g.bits <= 4 and self.group % 2 == 0)) and effspec_kernels.available():
             bias = effspec_kernels.EMPTY if self.bias is None else self.bias.float().contiguous()
-            codes, bits = (self.qweight, g.bits) if g.bits in (4, 8) else (pack_bits(self.codes(), 4), 4)
+            codes, bits = self._kernel_codes()
             # everything the call needs, so the decode path reads no module attributes
             form = ("cpp", effspec_kernels.lowbit_linear_fn(), codes, self.scales.float().contiguous(),
                     self.minimums().contiguous(), bias, N, K, self.group, bits)
@@ -172,6 +173,12 @@ class QuantLinear(nn.Module):
             form = ("int8", w8, s.to(torch.bfloat16), offset)
         self._kernel = form
         return None if form[0] == "none" else form
+
+    def _kernel_codes(self) -> tuple[torch.Tensor, int]:
+        """Every code, dense and packed 4 or 8 bits a weight, as effspec's kernels read them."""
+        if self.grid.bits in (4, 8):
+            return self.qweight, self.grid.bits
+        return pack_bits(self.codes(), 4), 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if needs_grad(x):  # inside training (QLoRA): the weight is frozen, its float copy not kept
@@ -206,5 +213,95 @@ class QuantLinear(nn.Module):
                 f"group={g.group_size or 'channel'}, {'sym' if g.symmetric else 'asym'}")
 
 
+class SparseQuantLinear(QuantLinear):
+    """A QuantLinear whose pruned weights are not stored: a bitmask of kept positions plus the kept codes only.
+
+    Pruning and quantizing in one pass (SparseGPT's joint mode) leaves exact
+    zeros on a symmetric grid, where zero is the middle code 2^(bits-1). Dense
+    codes would spend `bits` on each of them; here a weight costs 1 mask bit,
+    plus `bits` when kept: at 50% and 4 bits, 3 bits a weight instead of 4
+    (before the group scales). Everything that reads `codes()` -- dequantized
+    forward, exporters, QLoRA -- sees the dense codes. The decode kernels read a
+    dense 4- or 8-bit copy built on first use (as 2/3-bit layers do; not saved):
+    speed and run-time memory are the dense packed layer's, the stored bytes drop.
+    """
+
+    kind = "sparse-quant"
+
+    def __init__(self, in_features: int, out_features: int, grid: Grid, bias: bool, scale_dtype: torch.dtype,
+                 nnz: int):
+        if not grid.symmetric:
+            raise ValueError("sparse packed codes need a symmetric grid (its middle code is the exact zero)")
+        super().__init__(in_features, out_features, grid, bias, scale_dtype)
+        self.register_buffer("qweight", torch.zeros((nnz + 7) // 8 * grid.bits, dtype=torch.uint8))  # whole runs of 8
+        self.register_buffer("mask", torch.zeros((in_features * out_features + 7) // 8, dtype=torch.uint8))
+        self.nnz = nnz
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, grid: Grid,
+                   bias: torch.Tensor | None, keep: torch.Tensor | None = None) -> "SparseQuantLinear":
+        """Codes q (out, in) whose positions outside `keep` hold the zero code (keep: where q is not zero)."""
+        zero = 2 ** (grid.bits - 1)
+        keep = q != zero if keep is None else keep
+        if bool((q[~keep] != zero).any()):
+            raise ValueError("a pruned position holds a code other than the zero code")
+        out, inp = q.shape
+        dtype = storage_dtype(scale, minimum)
+        layer = cls(inp, out, grid, bias is not None, dtype, int(keep.sum()))
+        layer.qweight.copy_(pack_bits(q[keep], grid.bits))
+        layer.mask.copy_(pack_bits(keep.reshape(-1).to(torch.uint8), 1))
+        layer.scales.copy_(scale.to(dtype))
+        if bias is not None:
+            layer.bias.copy_(bias.detach().float())
+        return layer
+
+    def manifest(self) -> dict:
+        return {**super().manifest(), "nnz": self.nnz}
+
+    @classmethod
+    def from_manifest(cls, m: dict, in_features: int, out_features: int) -> "SparseQuantLinear":
+        grid = Grid(int(m["bits"]), int(m["group_size"]), bool(m["symmetric"]))
+        return cls(in_features, out_features, grid, bool(m["bias"]), getattr(torch, m["scale_dtype"]), int(m["nnz"]))
+
+    def keep(self) -> torch.Tensor:
+        n = self.in_features * self.out_features
+        return unpack_bits(self.mask, 1, n).view(self.out_features, self.in_features).bool()
+
+    def codes(self) -> torch.Tensor:
+        q = torch.full((self.out_features, self.in_features), 2 ** (self.grid.bits - 1), dtype=torch.uint8)
+        q[self.keep()] = unpack_bits(self.qweight, self.grid.bits, self.nnz)
+        return q
+
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / (self.in_features * self.out_features)
+
+    def _kernel_codes(self) -> tuple[torch.Tensor, int]:
+        bits = 8 if self.grid.bits == 8 else 4
+        return pack_bits(self.codes(), bits), bits
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sparsity={self.sparsity():.3f}"
+
+
+def pruned_mask(linear: nn.Module, grid: Grid, where: str = "") -> torch.Tensor | None:
+    """The kept positions of a pruned layer about to be quantized (None for a dense one); a UserError when the
+    grid cannot hold its zeros exactly (asymmetric: zero is a code only by chance)."""
+    if getattr(linear, "kind", None) != "sparse":
+        return None
+    if not grid.symmetric:
+        raise UserError(f"{where or 'layer'}: a pruned layer is quantized on a symmetric grid only (its zeros must "
+                        f"stay exact zeros); set symmetric: true")
+    return linear.keep()
+
+
+def packed_layer(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, grid: Grid, bias: torch.Tensor | None,
+                 keep: torch.Tensor | None = None) -> QuantLinear:
+    """The packed layer of codes q: dense, or with `keep` (pruned positions hold the zero code) sparse."""
+    if keep is None:
+        return QuantLinear.from_codes(q, scale, minimum, grid, bias)
+    return SparseQuantLinear.from_codes(q, scale, minimum, grid, bias, keep)
+
+
 PACKED_LAYERS: dict[str, type[QuantLinear] | type[NF4Linear] | type[FP8Linear] | type[SparseLinear]] = {
-    QuantLinear.kind: QuantLinear, NF4Linear.kind: NF4Linear, FP8Linear.kind: FP8Linear, SparseLinear.kind: SparseLinear}
+    QuantLinear.kind: QuantLinear, SparseQuantLinear.kind: SparseQuantLinear, NF4Linear.kind: NF4Linear,
+    FP8Linear.kind: FP8Linear, SparseLinear.kind: SparseLinear}

@@ -157,7 +157,7 @@ def solve_layerwise(model: nn.Module, calib: torch.Tensor, targets: dict[str, nn
 
     def process(i: int, block: nn.Module, xs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor] | None:
         prefix = block_names[id(block)] + "."
-        names = [n for n in linear_layers(block, ("*",), ()) if prefix + n in targets]
+        names = [n for n in linear_layers(block, ("*",), (), sparse=True) if prefix + n in targets]
         if not names:
             return None
         plan = _plan(block, names, xs, kwargs)

@@ -18,12 +18,14 @@ DEFAULT_EXCLUDE = ("lm_head", "*embed_out")  # the output head: usually tied to 
 
 
 def linear_layers(model: nn.Module, include: Iterable[str] = ("*",),
-                  exclude: Iterable[str] = DEFAULT_EXCLUDE) -> dict[str, nn.Linear]:
-    """Float nn.Linear modules whose qualified name matches `include` and no `exclude` pattern."""
+                  exclude: Iterable[str] = DEFAULT_EXCLUDE, sparse: bool = False) -> dict[str, nn.Linear]:
+    """Float nn.Linear modules whose qualified name matches `include` and no `exclude` pattern; with `sparse`, pruned
+    layers too (`effspec.sparsity.SparseLinear`: float values, a dense `weight`), which quantizers keep sparse."""
     include, exclude = tuple(include), tuple(exclude)
     found = {}
     for name, module in model.named_modules():
-        if type(module) is nn.Linear:  # not subclasses: packed layers are already compressed
+        # not subclasses: packed layers are already compressed
+        if type(module) is nn.Linear or (sparse and getattr(module, "kind", None) == "sparse"):
             if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(
                 fnmatch.fnmatchcase(name, p) for p in exclude
             ):

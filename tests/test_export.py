@@ -101,6 +101,19 @@ def test_gguf_reloads_in_transformers_with_the_same_logits(tmp_path, spec, bits,
         <= 1e-5 * ours.abs().max().item()
 
 
+def test_sparse_packed_layers_export_as_their_dense_codes(tmp_path):
+    loaded = load_model("tiny-llama")
+    sparsegpt = get_step("sparsegpt")  # joint pruning and 4-bit: SparseQuantLinear (mask + kept codes)
+    sparsegpt.apply(loaded.model, sparsegpt.config(sparsity=0.5, bits=4, group_size=32, block_size=32), IDS[:, :32])
+    layers = packed(loaded.model)
+    assert {m.kind for m in layers.values()} == {"sparse-quant"}
+    report = write_gguf(loaded, tmp_path / "m.gguf", "f32")
+    assert sorted(report.exact) == sorted(layers) and not report.converted
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    ours = logits(loaded.model)
+    assert max_diff(ours, logits(back), "gguf sparsegpt 50% w4 g32") <= 1e-5 * ours.abs().max().item()
+
+
 def test_gguf_requantizes_what_has_no_block_type_and_the_embeddings(tmp_path):
     loaded = quantized(bits=8, group_size=32, symmetric=False)  # Q8_0 has no offset
     report = write_gguf(loaded, tmp_path / "m.gguf")  # default --type q8_0

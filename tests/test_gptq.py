@@ -19,11 +19,12 @@ def correlated_inputs(n_in: int, tokens: int, seed: int = 0) -> torch.Tensor:
     return X
 
 
-def reference_gptq(W, H, grid, group, damp):
+def reference_gptq(W, H, grid, group, damp, keep=None):
     """Column by column with the full inverse Hessian, eliminating each quantized column (OBQ update).
 
     No lazy batches, no Cholesky: after quantizing column j, err = (w_j - q_j) / Hinv_jj,
     W[:, j+1:] -= err Hinv_{j, j+1:}, then Hinv loses row and column j by Gaussian elimination.
+    With `keep`, a position outside it is set to zero (the symmetric grid's middle code) instead.
     """
     W, H = W.double().clone(), H.double().clone()
     n = W.shape[1]
@@ -35,6 +36,8 @@ def reference_gptq(W, H, grid, group, damp):
     for j in range(n):
         g = j // group
         q = torch.clamp(torch.round((W[:, j] - minimum[:, g]) / scale[:, g]), 0, grid.maxq)
+        if keep is not None:
+            q = torch.where(keep[:, j], q, torch.full_like(q, 2 ** (grid.bits - 1)))
         Q[:, j] = q
         err = (W[:, j] - (q * scale[:, g] + minimum[:, g])) / Hinv[j, j]
         W[:, j + 1 :] -= err[:, None] * Hinv[j, j + 1 :][None, :]
@@ -53,6 +56,26 @@ def test_lazy_cholesky_gptq_equals_the_reference(bits, group, symmetric):
     q, _, _ = gptq_quantize(W, H, grid, group, cfg)
     expected = reference_gptq(W, H, grid, group, cfg.dampening)
     assert (q.double() == expected).float().mean() > 0.995  # float32 vs float64: a rare tie may round apart
+
+
+def test_gptq_of_a_pruned_layer_keeps_its_zeros_and_equals_the_reference():
+    torch.manual_seed(2)
+    W = torch.randn(24, 64)
+    keep = torch.rand(24, 64) > 0.5
+    W = W * keep
+    X = correlated_inputs(64, 512, seed=2)
+    H = 2 * X @ X.t() / X.shape[1]
+    grid = Grid(4, 16, True)
+    cfg = GPTQConfig(bits=4, group_size=16, act_order=False, block_size=16)
+    q, scale, minimum = gptq_quantize(W, H, grid, 16, cfg, keep)
+    assert (q[~keep] == 8).all()  # exact zeros
+    assert (q.double() == reference_gptq(W, H, grid, 16, cfg.dampening, keep)).float().mean() > 0.995
+    q_act, s_act, m_act = gptq_quantize(W, H, grid, 16, GPTQConfig(bits=4, group_size=16), keep)  # act_order
+    assert (q_act[~keep] == 8).all()
+    s, m = grid_params(W, grid, 16)
+    rounded = dequantize(quantize(W, s, m, grid), s, m)  # RTN keeps the zeros too: 0 is a code
+    error = lambda Wq: ((W - Wq) @ X).pow(2).sum().item()  # noqa: E731
+    assert error(dequantize(q_act, s_act, m_act)) < 0.8 * error(rounded)
 
 
 @pytest.mark.parametrize("bits,group,act_order", [(4, 32, False), (3, 32, True), (2, 0, True), (4, 0, True)])

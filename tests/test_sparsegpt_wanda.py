@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from effspec.layers import QuantLinear
+from effspec import layers as packed_layers
+from effspec.errors import UserError
+from effspec.layers import QuantLinear, SparseQuantLinear
 from effspec.measure.size import size
 from effspec.models import load_model
 from effspec.quant import Grid
@@ -90,19 +92,31 @@ def test_sparsegpt_with_no_pruning_leaves_the_layer_unchanged():
     assert torch.allclose(r.weight, W, atol=1e-5) and r.keep.all()
 
 
-def test_joint_prune_and_quantize_beats_prune_then_round():
+@pytest.mark.parametrize("refit", [0, 20])
+def test_joint_prune_and_quantize_beats_prune_then_round(refit):
     W, X = torch.randn(32, 64, generator=torch.Generator().manual_seed(3)), correlated_inputs()
-    cfg = SparseGPTConfig(sparsity=0.5, bits=4, group_size=32, block_size=32)
+    cfg = SparseGPTConfig(sparsity=0.5, bits=4, group_size=32, block_size=32, refit_iters=refit)
     r = sparsegpt_prune(W, hessian(X), cfg)
     layer = QuantLinear.from_codes(r.codes, r.scale, r.minimum, cfg.grid, None)
     W_hat = layer.dequantized_weight()
     assert torch.allclose(W_hat, r.weight, atol=1e-6)  # the codes are the weights the sweep compensated for
     assert (W_hat[~r.keep] == 0).all()  # pruned weights are the grid's exact zero code
-    pruned_only = sparsegpt_prune(W, hessian(X), SparseGPTConfig(sparsity=0.5, block_size=32))
+    pruned_only = sparsegpt_prune(W, hessian(X), SparseGPTConfig(sparsity=0.5, block_size=32, refit_iters=refit))
+    if refit:  # the second sweep keeps the refit's mask
+        assert torch.equal(r.keep, pruned_only.keep)
     lin = nn.Linear(64, 32, bias=False)
     lin.weight.data = pruned_only.weight
     rounded = QuantLinear.from_linear(lin, Grid(4, 32, True)).dequantized_weight()
     assert output_error(W, W_hat, X) < output_error(W, rounded, X)
+
+
+def test_refit_then_quantizing_with_the_mask_fixed_beats_the_one_pass_joint_sweep():
+    W, X = torch.randn(32, 64, generator=torch.Generator().manual_seed(6)), correlated_inputs(seed=6)
+    errors = {}
+    for refit in (0, 20):
+        cfg = SparseGPTConfig(sparsity=0.5, bits=4, group_size=32, block_size=32, refit_iters=refit)
+        errors[refit] = output_error(W, sparsegpt_prune(W, hessian(X), cfg).weight, X)
+    assert errors[20] < 0.9 * errors[0]
 
 
 @pytest.mark.parametrize("nm", ["", "2:4"])
@@ -121,9 +135,8 @@ def test_refit_reaches_the_exact_least_squares_weights_of_the_mask(nm):
     assert torch.allclose(err(refit.weight), err(exact), rtol=1e-3)
     assert (err(refit.weight) <= err(plain.weight) * (1 + 1e-5)).all()  # never worse, row by row
     assert err(exact).sum() < 0.97 * err(plain.weight).sum()  # and the freeze of Algorithm 1 did cost something
-    assert SparseGPTConfig().refit_steps == 20 and SparseGPTConfig(bits=4).refit_steps == 0  # the defaults
     with pytest.raises(ValueError, match="refit_iters"):
-        SparseGPTConfig(bits=4, refit_iters=5)
+        SparseGPTConfig(refit_iters=-1)
 
 
 def test_bad_sparsegpt_configs():
@@ -162,11 +175,73 @@ def test_sparse_linear_round_trip_and_bytes():
     assert sum(t.numel() * t.element_size() for t in layer.state_dict().values()) == stored
 
 
-def test_sparsegpt_joint_step_gives_packed_sparse_weights():
+def test_sparse_quant_linear_stores_mask_and_kept_codes_only():
+    g = torch.Generator().manual_seed(5)
+    grid = Grid(4, 32, True)
+    q = torch.randint(0, 16, (16, 64), generator=g, dtype=torch.uint8)
+    keep = torch.rand(16, 64, generator=g) > 0.5
+    q[~keep] = 8  # the symmetric grid's zero code
+    scale = (torch.rand(16, 2, generator=g) + 0.1).half().float()  # as stored
+    minimum = -8 * scale
+    bias = torch.randn(16, generator=g)
+    dense = QuantLinear.from_codes(q, scale, minimum, grid, bias)
+    layer = SparseQuantLinear.from_codes(q, scale, minimum, grid, bias, keep)
+    assert torch.equal(layer.codes(), q) and torch.equal(layer.keep(), keep)
+    W = (q.float() - 8) * scale.repeat_interleave(32, 1)  # the reference dequantization, written here
+    assert torch.equal(layer.dequantized_weight(), W) and (W[~keep] == 0).all()
+    nnz = int(keep.sum())
+    stored = 16 * 64 // 8 + (nnz + 7) // 8 * 4 + 2 * 16 * 2 + 4 * 16  # mask, kept codes (whole runs of 8), fp16 scales, bias
+    assert sum(t.numel() * t.element_size() for t in layer.state_dict().values()) == stored
+    assert layer.sparsity() == pytest.approx(1 - nnz / (16 * 64))
+    x = torch.randn(1, 3, 64, generator=g)
+    for kernels in (True, False):  # the decode kernels (dense copy) and the exact dequantized path
+        with packed_layers.kernels(kernels):
+            assert torch.allclose(layer(x), dense(x), atol=1e-5)
+    with pytest.raises(ValueError, match="zero code"):  # a mask that would drop kept nonzero codes
+        SparseQuantLinear.from_codes(q, scale, minimum, grid, None, keep & (torch.arange(64) < 32))
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_quantizing_a_pruned_model_keeps_it_sparse(quantizer, reloads_same):
+    lm = load_model("tiny-llama")
+    wanda = get_step("wanda")
+    model = wanda.apply(lm.model, wanda.config(sparsity=0.5), CALIB)
+    pruned = {n: m.dense_weight() for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    step = get_step(quantizer)
+    model = step.apply(model, step.config(bits=4, group_size=32), CALIB if quantizer == "gptq" else None)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseQuantLinear)}
+    assert sorted(layers) == sorted(pruned)
+    for n, m in layers.items():
+        assert torch.equal(m.keep(), pruned[n] != 0) and (m.dequantized_weight()[pruned[n] == 0] == 0).all()
+    if quantizer == "rtn":  # kept weights get exactly the codes RTN gives the dense layer with those zeros
+        lin = nn.Linear(64, 64, bias=False)
+        name = next(n for n in pruned if pruned[n].shape == (64, 64))
+        lin.weight.data = pruned[name]
+        assert torch.equal(layers[name].dequantized_weight(), QuantLinear.from_linear(lin, Grid(4, 32, True)).weight)
+    assert size(model).sparsity == pytest.approx(0.5, abs=1e-3)
+    reloads_same(model, lm.tokenizer, CALIB[:1])
+
+
+def test_a_pruned_layer_is_not_quantized_on_an_asymmetric_grid():
+    lm = load_model("tiny-llama")
+    magnitude, rtn = get_step("magnitude"), get_step("rtn")
+    model = magnitude.apply(lm.model, magnitude.config(sparsity=0.5))
+    with pytest.raises(UserError, match="symmetric"):
+        rtn.apply(model, rtn.config(bits=4, group_size=32, symmetric=False))
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())  # checked before any layer changed
+
+
+def test_sparsegpt_joint_step_gives_packed_sparse_weights(reloads_same):
     lm = load_model("tiny-llama")
     info = get_step("sparsegpt")
     model = info.apply(lm.model, info.config(sparsity=0.5, bits=4, group_size=32, block_size=32), CALIB)
-    packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    packed = [m for m in model.modules() if isinstance(m, SparseQuantLinear)]
     assert len(packed) == 14
     for m in packed:
         assert (m.dequantized_weight() == 0).float().mean() >= 0.5
+        assert m.sparsity() == pytest.approx(0.5, abs=1e-3)
+    after = size(model)
+    assert after.sparsity == pytest.approx(0.5, abs=1e-3)
+    bits = 8 * after.linear_stored_bytes / after.linear_params  # mask 1 + codes 2 + fp16 scale per 32 0.5 (+ bias)
+    assert 3.4 < bits < 3.6
+    reloads_same(model, lm.tokenizer, CALIB[:1])

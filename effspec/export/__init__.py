@@ -63,7 +63,7 @@ def split_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.M
             kind = m.manifest().get("kind", type(m).__name__)
             raise UserError(f"{name}: wrapped by '{kind}', which neither compressed-tensors nor GGUF can express; "
                             f"export a model without that step")
-        if type(m) is QuantLinear:
+        if isinstance(m, QuantLinear):  # sparse-quant too: exported as its dense codes
             grid[name] = m
         elif hasattr(m, "manifest") and hasattr(m, "kind"):
             if not isinstance(getattr(m, "weight", None), torch.Tensor):

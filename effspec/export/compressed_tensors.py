@@ -74,7 +74,7 @@ def _require_package():
 
 def signature(layer) -> tuple | None:
     """What compressed-tensors scheme holds this packed layer exactly, as a hashable key; None if none does."""
-    if type(layer) is QuantLinear:
+    if isinstance(layer, QuantLinear):  # sparse-quant too: written as its dense codes
         g = layer.grid
         return ("weight-only", g.bits, g.group_size, g.symmetric)
     codes, scales = getattr(layer, "qweight", None), getattr(layer, "scales", None)

@@ -92,7 +92,7 @@ def exact_form(layer) -> tuple[T, torch.Tensor, torch.Tensor, torch.Tensor | Non
         if layer.qweight.dtype != torch.int8 or not torch.equal(d.float(), layer.scales.float()):
             return None
         return T.Q8_0, layer.qweight.view(torch.uint8), d[:, None].repeat(1, layer.in_features // QK), None
-    if type(layer) is not QuantLinear:
+    if not isinstance(layer, QuantLinear):  # sparse-quant too: its dense codes
         return None
     g = layer.grid
     if layer.group % QK:

@@ -17,11 +17,19 @@ Joint quantization (Sec. 3.5): with `bits` > 0 every surviving weight is also
 rounded to the integer grid (`effspec.quant`, symmetric so a pruned weight is
 exactly code 2^(bits-1) = 0) in the same sweep, its rounding error compensated
 like the pruning error; group parameters come from the updated weights at each
-group's first column, as in the reference code. The layer is then a packed
-`QuantLinear` (its zeros are codes, so storage is that of the bit width);
-without `bits` a `SparseLinear` (bitmask + values).
+group's first column, as in the reference code. The layer is then a
+`SparseQuantLinear`: the bitmask plus the kept codes only (50% at 4 bits: 3
+bits a weight before the scales, against 4 dense); without `bits` a
+`SparseLinear` (bitmask + float values). By default (`refit_iters` > 0) the
+weights are first pruned and refit (below), and a second sweep then rounds the
+refit weights with the mask fixed: for a fixed mask the output error splits
+exactly into the refit's pruning error plus the rounding error measured from
+the refit weights (the refit leaves no gradient on the kept weights), so
+rounding is left to a GPTQ-style sweep of its own. smollm2-135m 50% w4 g64
+(8x1024 calibration, 4 eval windows, 1 thread): 54.82 against 65.63 for the
+paper's single sweep (`refit_iters: 0`), 235 s against 114 s.
 
-After Algorithm 1, prune-only runs re-solve the kept weights for the final
+After Algorithm 1, SparseGPT re-solves the kept weights for the final
 mask (`refit_iters`, default 20; 0 gives Algorithm 1 alone): the sweep never
 revisits a column, so weights kept left of a column pruned later never
 compensate for it. `refit` runs conjugate-gradient steps on the row-wise
@@ -44,13 +52,13 @@ pass over the dense model (`effspec.owl`); unstructured only.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from effspec.config import expect
-from effspec.layers import QuantLinear
+from effspec.layers import SparseQuantLinear
 from effspec.layerwise import solve_layerwise
 from effspec.quant import SUPPORTED_BITS, Grid, grid_params
 from effspec.registry import register
@@ -68,7 +76,7 @@ class SparseGPTConfig(CalibratedPruneConfig):
     block_size: int = 128  # lazy-batch and mask-selection width (the paper's B_s = 128)
     dampening: float = 0.01
     true_sequential: bool = True
-    refit_iters: int | None = None  # re-solve the kept weights for the final mask (`refit`); None: 20, 0 with bits
+    refit_iters: int = 20  # re-solve the kept weights for the final mask (`refit`); 0: Algorithm 1 alone
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,19 +85,12 @@ class SparseGPTConfig(CalibratedPruneConfig):
         expect(self.group_size >= 0, "group_size", self.group_size, "0 (per-channel) or a positive divisor of the input width")
         expect(self.block_size >= 1, "block_size", self.block_size, "a positive number of columns")
         expect(0 < self.dampening < 1, "dampening", self.dampening, "a fraction in (0, 1)")
-        expect(self.refit_iters is None or self.refit_iters >= 0, "refit_iters", self.refit_iters,
-               "0 (Algorithm 1 alone) or a number of iterations")
-        expect(not (self.refit_iters and self.bits), "refit_iters", self.refit_iters,
-               "0 with bits (a refit would move weights off the quantization grid)")
+        expect(self.refit_iters >= 0, "refit_iters", self.refit_iters, "0 (Algorithm 1 alone) or a number of iterations")
         if self.pattern:
             expect(self.block_size % self.pattern[1] == 0, "block_size", self.block_size, f"a multiple of M={self.pattern[1]}")
         if self.bits and self.group_size:
             expect(self.block_size % self.group_size == 0, "block_size", self.block_size,
                    f"a multiple of group_size={self.group_size}")
-
-    @property
-    def refit_steps(self) -> int:
-        return (0 if self.bits else 20) if self.refit_iters is None else self.refit_iters
 
     @property
     def grid(self) -> Grid | None:
@@ -106,14 +107,25 @@ class Pruned:
 
 
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, cfg: SparseGPTConfig) -> Pruned:
-    """Algorithm 1 on one layer: W (out, in), H (in, in)."""
+    """SparseGPT on one layer, W (out, in), H (in, in): Algorithm 1, then the refit; with bits, refit weights are
+    quantized by a second sweep with the mask fixed (or, `refit_iters: 0`, pruned and quantized in one sweep)."""
+    if cfg.grid and cfg.refit_iters:
+        pruned = sweep(W, H, replace(cfg, bits=0))
+        return sweep(pruned.weight, H, cfg, fixed=pruned.keep)
+    return sweep(W, H, cfg)
+
+
+def sweep(W: torch.Tensor, H: torch.Tensor, cfg: SparseGPTConfig, fixed: torch.Tensor | None = None) -> Pruned:
+    """Algorithm 1: one pass over the columns, pruning (and rounding, with bits) and compensating as it goes; the
+    mask chosen block by block, or `fixed` (then only rounding errors and the pruned weights' drift move weights).
+    Without bits, the refit follows."""
     W = W.float().clone()
     H = H.float().clone()
     out, n = W.shape
     dead = torch.diag(H) == 0  # inputs never active: their weights can go at no cost
     H[dead, dead] = 1
     W[:, dead] = 0
-    W0 = W.clone() if cfg.refit_steps else None
+    W0 = W.clone() if cfg.refit_iters and not cfg.grid else None
     H += cfg.dampening * torch.mean(torch.diag(H)) * torch.eye(n)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     grid = cfg.grid
@@ -131,11 +143,13 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, cfg: SparseGPTConfig) -> P
         d = torch.diag(Hinv1)
         Err1 = torch.zeros_like(W1)
         keep1 = keep[:, i1:i2]
-        if not cfg.pattern:  # the block's mask at once, from the saliency of its updated weights
+        if fixed is not None:
+            keep1[:] = fixed[:, i1:i2]
+        elif not cfg.pattern:  # the block's mask at once, from the saliency of its updated weights
             keep1[:] = unstructured_mask(W1**2 / d[None, :] ** 2, cfg.sparsity)
         for i in range(i2 - i1):
             col = i1 + i
-            if cfg.pattern and i % cfg.pattern[1] == 0:
+            if fixed is None and cfg.pattern and i % cfg.pattern[1] == 0:
                 m = cfg.pattern[1]
                 keep1[:, i:i + m] = nm_mask(W1[:, i:i + m] ** 2 / d[None, i:i + m] ** 2, *cfg.pattern)
             w = W1[:, i]
@@ -155,8 +169,8 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, cfg: SparseGPTConfig) -> P
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     if grid:
         return Pruned(Q, keep, codes, scale, minimum)
-    if cfg.refit_steps:
-        Q = refit(Q, W0, H, keep, cfg.refit_steps)
+    if cfg.refit_iters:
+        Q = refit(Q, W0, H, keep, cfg.refit_iters)
     return Pruned(Q, keep)
 
 
@@ -208,7 +222,7 @@ def apply(model: nn.Module, cfg: SparseGPTConfig, calib=None) -> nn.Module:
             lin = block.get_submodule(n)
             r = sparsegpt_prune(lin.weight.detach(), H, config_of(block))
             if cfg.grid:
-                layer = QuantLinear.from_codes(r.codes, r.scale, r.minimum, cfg.grid, lin.bias)
+                layer = SparseQuantLinear.from_codes(r.codes, r.scale, r.minimum, cfg.grid, lin.bias, r.keep)
             else:
                 layer = SparseLinear.from_weight(r.weight, r.keep, lin.bias)
             replace_module(block, n, layer)

@@ -17,7 +17,9 @@ storage.
 
 `apply` runs calibration through `effspec.layerwise` (shared with SparseGPT
 and Wanda): block by block, one H per group of layers reading the same input
-(q/k/v, gate/up), true-sequential inside a block by default.
+(q/k/v, gate/up), true-sequential inside a block by default. Layers pruned by
+an earlier step keep their mask (`keep` of `gptq_quantize`) and become
+`SparseQuantLinear`: SparseGPT then GPTQ, as llm-compressor chains them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 
 from effspec.calibrate import check_calibration_dtype
 from effspec.config import expect
-from effspec.layers import QuantLinear
+from effspec.layers import packed_layer, pruned_mask
 from effspec.layerwise import solve_layerwise
 from effspec.quant import SUPPORTED_BITS, Grid, grid_params
 from effspec.registry import register
@@ -64,8 +66,13 @@ class GPTQConfig:
         return Grid(self.bits, self.group_size, self.symmetric)
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, group: int, cfg: GPTQConfig):
-    """GPTQ codes for W (out, in) given H (in, in); returns (q uint8 (out, in), scale, minimum (out, in/group))."""
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, group: int, cfg: GPTQConfig,
+                  keep: torch.Tensor | None = None):
+    """GPTQ codes for W (out, in) given H (in, in); returns (q uint8 (out, in), scale, minimum (out, in/group)).
+
+    `keep` (out, in) holds a pruned layer's mask (symmetric grids): positions outside it take the zero code, and
+    the updates they received along the way are compensated like rounding errors (SparseGPT's sweep with a
+    fixed mask), so the layer stays exactly as sparse."""
     W = W.float().clone()
     H = H.float().clone()
     out, n = W.shape
@@ -75,6 +82,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, group: int, cfg:
     scale, minimum = grid_params(W, grid, group)  # static groups: from the original weights
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(n)
     W, H = W[:, perm], H[perm][:, perm]
+    keep = keep[:, perm] if keep is not None else None
+    zero = 2 ** (grid.bits - 1)  # the symmetric grid's code for 0
     col_group = perm // group  # the group each (permuted) column belongs to
     H += cfg.dampening * torch.mean(torch.diag(H)) * torch.eye(n)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
@@ -86,6 +95,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, group: int, cfg:
         for i in range(i2 - i1):
             w, d, g = W1[:, i], Hinv1[i, i], col_group[i1 + i]
             q = torch.clamp(torch.round((w - minimum[:, g]) / scale[:, g]), 0, grid.maxq)
+            if keep is not None:
+                q = torch.where(keep[:, i1 + i], q, zero)
             Q[:, i1 + i] = q
             err = (w - (q * scale[:, g] + minimum[:, g])) / d
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
@@ -98,17 +109,19 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, group: int, cfg:
 
 @register("gptq", family="quantize", stage="inference", config=GPTQConfig, calibration=True)
 def apply(model: nn.Module, cfg: GPTQConfig, calib=None) -> nn.Module:
-    targets = linear_layers(model, cfg.targets, cfg.ignore)
+    targets = linear_layers(model, cfg.targets, cfg.ignore, sparse=True)  # a pruned layer stays sparse
     for name, lin in targets.items():  # check every shape before any work
         cfg.grid.group_for(lin.in_features, name)
+        pruned_mask(lin, cfg.grid, name)
     if calib is None:
         raise ValueError("gptq needs calibration data")
 
     def quantize_group(block: nn.Module, group: list[str], H: torch.Tensor) -> None:
         for n in group:
             lin = block.get_submodule(n)
+            keep = pruned_mask(lin, cfg.grid, n)
             q, scale, minimum = gptq_quantize(lin.weight.detach(), H, cfg.grid,
-                                              cfg.grid.group_for(lin.in_features, n), cfg)
-            replace_module(block, n, QuantLinear.from_codes(q, scale, minimum, cfg.grid, lin.bias))
+                                              cfg.grid.group_for(lin.in_features, n), cfg, keep)
+            replace_module(block, n, packed_layer(q, scale, minimum, cfg.grid, lin.bias, keep))
 
     return solve_layerwise(model, calib, targets, quantize_group, cfg.true_sequential, cfg.calibration_dtype, "gptq")

@@ -6,7 +6,9 @@ channel) a scale and minimum are fitted to the group's range, and every weight
 is rounded to the nearest code, q = clamp(round((w - min) / scale), 0, 2^b - 1).
 No data is needed. The layer is replaced by a packed `QuantLinear`, so the stored
 model really is smaller (~4x at 8 bits, ~7x at 4 bits with group 64, on the
-linear layers).
+linear layers). A layer pruned by an earlier step keeps its mask: on a
+symmetric grid its zeros are the exact zero code, and it becomes a
+`SparseQuantLinear` (bitmask + kept codes).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from effspec.config import expect
-from effspec.layers import QuantLinear
+from effspec.layers import QuantLinear, pruned_mask
 from effspec.progress import track
 from effspec.quant import SUPPORTED_BITS, Grid
 from effspec.registry import register
@@ -47,9 +49,10 @@ class RTNConfig:
 
 @register("rtn", family="quantize", stage="inference", config=RTNConfig)
 def apply(model: nn.Module, cfg: RTNConfig, calib=None) -> nn.Module:
-    layers = linear_layers(model, cfg.targets, cfg.ignore)
+    layers = linear_layers(model, cfg.targets, cfg.ignore, sparse=True)  # a pruned layer stays sparse
     for name in layers:  # check every layer before touching any
         cfg.grid.group_for(layers[name].in_features, name)
+        pruned_mask(layers[name], cfg.grid, name)  # a pruned layer on an asymmetric grid: UserError
     for name, linear in track(layers.items(), f"rtn w{cfg.bits}", total=len(layers)):
         replace_module(model, name, QuantLinear.from_linear(linear, cfg.grid, name))
     log.info("rtn: quantized %d linear layers to %d bits", len(layers), cfg.bits)
