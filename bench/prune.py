@@ -6,7 +6,8 @@ SparseGPT at 50% unstructured, 2:4 and 4:8; SparseGPT 50% jointly with 4-bit
 group-64 weights, and then GPTQ w4 g64 as a second step (`sparsegpt-50+gptq-w4g64`,
 the pruned layers kept sparse; llm-compressor's row is the joint one's); drop-layers removing 4 and 8 of the 30 blocks; prune-width
 removing 20% and 35% of the parameters; SVD and ASVD keeping 80% and 60% of
-the linear parameters; and per-layer allocation against uniform at the same
+the linear parameters, and ASVD with SVD-LLM's whitening (`scaling: whiten`)
+at both ratios; and per-layer allocation against uniform at the same
 budget: Wanda and SparseGPT at 70% uniform and with OWL's block sparsities,
 ASVD 80% and 60% with its sensitivity-based rank search; Wanda and SparseGPT at 50%
 and 2:4 again as `<name>-bf16`, effspec's calibration forwards in bf16 (as in
@@ -150,6 +151,8 @@ SETTINGS_TABLE: tuple[tuple[str, str, tuple | None], ...] = (
     ("svd-60", "[{svd: {ratio: 0.6}}]", NO_PEER),
     ("asvd-80", "[{asvd: {ratio: 0.8}}]", NO_PEER),
     ("asvd-60", "[{asvd: {ratio: 0.6}}]", NO_PEER),
+    ("asvd-80-whiten", "[{asvd: {ratio: 0.8, scaling: whiten}}]", NO_PEER),
+    ("asvd-60-whiten", "[{asvd: {ratio: 0.6, scaling: whiten}}]", NO_PEER),
     # per-layer allocation against uniform at the same budget: OWL sparsity (llm-compressor's own OWL profile is
     # not wired here yet: effspec only), ASVD's sensitivity-based rank search
     ("wanda-70", "[{wanda: {sparsity: 0.7}}]", (llmc_prune("WandaPruningModifier", "0:0", 0.7),)),
@@ -466,8 +469,9 @@ def verdicts(comps: list[dict]) -> list[str]:
             line += f" (not at equal parameter count: {a / 1e6:.2f}M vs {b / 1e6:.2f}M)"
         out.append(line)
     out += [below(by, f"{m}-70-owl", f"{m}-70", 1.0) for m in ("wanda", "sparsegpt")]
-    for ratio in ("80", "60"):  # ASVD with its paper's rank search, against uniform SVD and ASVD
-        out += [below(by, f"asvd-{ratio}-search", f"{base}-{ratio}", 1.0) for base in ("svd", "asvd")]
+    for ratio in ("80", "60"):  # ASVD with its paper's rank search, and whitened, against uniform SVD and ASVD
+        out += [below(by, f"asvd-{ratio}-{variant}", f"{base}-{ratio}", 1.0)
+                for variant in ("search", "whiten") for base in ("svd", "asvd")]
     fl, w = by.get("float"), by.get("prune-width-20")
     label = f"prune-width-20 decode >= {TARGET_WIDTH_SPEEDUP:.2f}x float32's"
     if fl and w:

@@ -216,8 +216,9 @@ class QuantLinear(nn.Module):
 class SparseQuantLinear(QuantLinear):
     """A QuantLinear whose pruned weights are not stored: a bitmask of kept positions plus the kept codes only.
 
-    Pruning and quantizing in one pass (SparseGPT's joint mode) leaves exact
-    zeros on a symmetric grid, where zero is the middle code 2^(bits-1). Dense
+    Pruning and quantizing (`sparsegpt` with `bits`, or `rtn`/`gptq` after a
+    pruning step) leaves exact zeros on a symmetric grid, where zero is the
+    middle code 2^(bits-1). Dense
     codes would spend `bits` on each of them; here a weight costs 1 mask bit,
     plus `bits` when kept: at 50% and 4 bits, 3 bits a weight instead of 4
     (before the group scales). Everything that reads `codes()` -- dequantized

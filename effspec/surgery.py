@@ -17,19 +17,29 @@ from effspec.errors import UserError
 DEFAULT_EXCLUDE = ("lm_head", "*embed_out")  # the output head: usually tied to the embeddings
 
 
-def linear_layers(model: nn.Module, include: Iterable[str] = ("*",),
-                  exclude: Iterable[str] = DEFAULT_EXCLUDE, sparse: bool = False) -> dict[str, nn.Linear]:
+def linear_layers(model: nn.Module, include: Iterable[str] = ("*",), exclude: Iterable[str] = DEFAULT_EXCLUDE,
+                  sparse: bool = False, step: str = "") -> dict[str, nn.Linear]:
     """Float nn.Linear modules whose qualified name matches `include` and no `exclude` pattern; with `sparse`, pruned
-    layers too (`effspec.sparsity.SparseLinear`: float values, a dense `weight`), which quantizers keep sparse."""
+    layers too (`effspec.sparsity.SparseLinear`: float values, a dense `weight`), which quantizers keep sparse.
+
+    With `step` (the caller's name), finding none is a UserError: a step that silently compressed nothing (say
+    `nf4` after `wanda`, whose layers it cannot take) would report an unchanged model as its result.
+    """
     include, exclude = tuple(include), tuple(exclude)
-    found = {}
+    found, compressed = {}, {}
     for name, module in model.named_modules():
+        if not (any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)):
+            continue
+        kind = getattr(module, "kind", None)
         # not subclasses: packed layers are already compressed
-        if type(module) is nn.Linear or (sparse and getattr(module, "kind", None) == "sparse"):
-            if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(
-                fnmatch.fnmatchcase(name, p) for p in exclude
-            ):
-                found[name] = module
+        if type(module) is nn.Linear or (sparse and kind == "sparse"):
+            found[name] = module
+        elif kind is not None and hasattr(module, "in_features"):
+            compressed[name] = kind
+    if step and not found:
+        why = (f"; {len(compressed)} matching layers are already compressed ({', '.join(sorted(set(compressed.values())))}), "
+               f"which {step} does not take: put it before the step that compressed them") if compressed else ""
+        raise UserError(f"{step}: no float linear layer matches targets {list(include)} (ignore {list(exclude)}){why}")
     return found
 
 

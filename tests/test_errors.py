@@ -64,3 +64,20 @@ def test_input_model_directory_is_never_written(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "src").iterdir()} == before
     with torch.no_grad():
         assert load_model(str(tmp_path / "o")).model(torch.tensor([[1, 2]])).logits.isfinite().all()
+
+
+def test_a_step_that_finds_nothing_to_compress_is_a_one_line_error(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - magnitude: {sparsity: 0.5}\n  - nf4: {}\n")  # nf4 cannot take pruned layers
+    text = tmp_path / "t.txt"
+    text.write_text("some words to score. " * 200)
+    code = main(["run", str(recipe), "--model", "tiny-llama", "--data", str(text), "--out", str(tmp_path / "o"),
+                 "--windows", "1", "--seqlen", "64", "--runs", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nf4: no float linear layer" in err[0] and "compressed (sparse)" in err[0]
+    assert not (tmp_path / "o").exists()
+    from effspec.registry import get_step
+
+    rtn = get_step("rtn")
+    with pytest.raises(UserError, match=r"rtn: no float linear layer matches targets \['\*\.mlp\.gate'\]"):  # a typo
+        rtn.apply(load_model("tiny-llama").model, rtn.config(targets=["*.mlp.gate"]))

@@ -7,7 +7,7 @@ from effspec.errors import UserError
 from effspec.measure.size import size
 from effspec.models import load_model
 from effspec.registry import get_step
-from effspec.steps.lowrank.svd import LowRankLinear, factorize, rank_for
+from effspec.steps.lowrank.svd import LowRankLinear, factorize, rank_for, whitening
 
 CALIB = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
 
@@ -32,6 +32,52 @@ def test_activation_aware_beats_plain_svd_on_output_error_at_equal_rank():
     assert err(Bs @ As) < 0.8 * err(B @ A)
     A1, B1 = factorize(W, 32, s)  # full rank: scaling folds back exactly
     assert torch.allclose(B1 @ A1, W, atol=1e-4)
+
+
+def test_whitened_truncation_is_the_best_rank_r_output_approximation():
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(32, 64, generator=g)
+    mix = torch.randn(64, 64, generator=g) / 8 + torch.eye(64)
+    X = (torch.randn(4096, 64, generator=g) @ mix) * torch.exp(torch.randn(64, generator=g))  # correlated, uneven
+    L = whitening(X.t() @ X / X.shape[0], 1e-6)
+    assert torch.allclose(L @ L.t(), X.t() @ X / X.shape[0], rtol=1e-3, atol=1e-3)
+    err = lambda W_hat: ((X.double() @ (W - W_hat).t().double()) ** 2).sum().item()  # noqa: E731
+    A, B = factorize(W, 12, L)
+    # the reference: Eckart-Young on the outputs W X^T themselves, mapped back through X's pseudo-inverse
+    U, S, Vh = torch.linalg.svd(X.double() @ W.t().double(), full_matrices=False)
+    best = ((U[:, :12] * S[:12]) @ Vh[:12]).t() @ torch.linalg.pinv(X.double()).t()
+    assert err(B @ A) == pytest.approx(err(best), rel=1e-3)
+    As, Bs = factorize(W, 12, X.abs().mean(0).pow(0.5))  # ASVD's diagonal scaling
+    assert err(B @ A) < err(Bs @ As) and err(B @ A) < err(factorize(W, 12)[1] @ factorize(W, 12)[0])
+    A1, B1 = factorize(W, 64, L)  # full rank: the whitening folds back exactly
+    assert torch.allclose(B1 @ A1, W, atol=1e-3)
+
+
+def test_whitened_asvd_step_beats_plain_svd_on_each_layers_calibration_outputs(reloads_same):
+    lm = load_model("tiny-llama")
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(3))
+    inputs = {}  # every layer's calibration inputs in the dense model
+    def keep(name):
+        def hook(module, args):
+            inputs[name] = args[0].reshape(-1, args[0].shape[-1])
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep(n))
+             for n, m in lm.model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    with torch.no_grad():
+        lm.model(ids)
+    for h in hooks:
+        h.remove()
+    dense = {n: lm.model.get_submodule(n).weight.detach().clone() for n in inputs}
+    models = {}
+    for step, fields in (("svd", {}), ("asvd", {"scaling": "whiten"})):
+        info = get_step(step)
+        models[step] = info.apply(load_model("tiny-llama").model, info.config(ratio=0.6, **fields), ids)
+    for n, X in inputs.items():
+        err = {step: ((X @ (dense[n] - m.get_submodule(n).weight).t()) ** 2).sum().item() for step, m in models.items()}
+        assert models["asvd"].get_submodule(n).rank == rank_for(X.shape[1], dense[n].shape[0], 0.6)
+        assert err["asvd"] < err["svd"], n
+    reloads_same(models["asvd"], lm.tokenizer, ids[:1])
 
 
 @pytest.mark.parametrize("step", ["svd", "asvd"])

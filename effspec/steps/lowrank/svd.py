@@ -14,6 +14,14 @@ activations -- where truncation error costs the most output error -- are
 preserved first. Statistics come from one pass of the calibration data through
 the unchanged model.
 
+`scaling: whiten` replaces diag(s) by the full input statistics, SVD-LLM's
+truncation-aware data whitening (Wang et al. 2024): with L the Cholesky factor
+of X X^T / tokens (damped by `whiten_dampening` of its mean diagonal),
+||(W - W') X||_F = ||(W - W') L||_F, so truncating the SVD of W L and folding
+L^-1 back into A gives the rank-r factors with the least output error on the
+calibration data (Eckart-Young in that norm; tested against the direct
+solution). It costs an (in, in) statistic per layer instead of a vector.
+
 `rank_search: sensitivity` (asvd) replaces the uniform ratio by per-layer
 ratios from ASVD's sensitivity-based truncation rank search (`rank_search.py`),
 within the same parameter budget; a layer may then stay dense.
@@ -86,23 +94,28 @@ class LowRankLinear(nn.Module):
 
 def factorize(W: torch.Tensor, rank: int, s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (rank, in), B (out, rank)) with B A the best rank-`rank` approximation of W, in the norm weighted
-    by input channel scales `s` (in,) when given (ASVD), else the plain Frobenius norm."""
+    by the input scaling `s` when given -- channel scales (in,) (ASVD) or a lower-triangular L (in, in) with
+    L L^T = X X^T (whitening), which makes it the best for the layer's outputs -- else the plain Frobenius norm."""
     return truncate(decompose(W, s), rank, s)
 
 
 def decompose(W: torch.Tensor, s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U, S, Vh of W diag(s) (or of W), in float64."""
+    """U, S, Vh of W diag(s), W L (whitening) or W, in float64."""
     W = W.double()
-    return torch.linalg.svd(W * s.double()[None, :] if s is not None else W, full_matrices=False)
+    if s is not None:
+        W = W @ s.double() if s.dim() == 2 else W * s.double()[None, :]
+    return torch.linalg.svd(W, full_matrices=False)
 
 
 def truncate(usv: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rank: int,
              s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of rank `rank` from `decompose`'s output, diag(s)^-1 folded back into A."""
+    """(A, B) of rank `rank` from `decompose`'s output, the scaling's inverse folded back into A."""
     U, S, Vh = usv
     root = S[:rank].sqrt()
     A = root[:, None] * Vh[:rank]
-    if s is not None:
+    if s is not None and s.dim() == 2:  # A L^-1, by triangular solve
+        A = torch.linalg.solve_triangular(s.double(), A, upper=False, left=False)
+    elif s is not None:
         A = A / s.double()[None, :]
     B = U[:, :rank] * root[None, :]
     return A.float(), B.float()
@@ -132,6 +145,8 @@ class SVDConfig:
 @dataclass(frozen=True)
 class ASVDConfig(SVDConfig):
     alpha: float = 0.5  # s_j = mean |x_j| ^ alpha
+    scaling: str = "absmean"  # "whiten": L with L L^T = X X^T instead of diag(s) (SVD-LLM's truncation-aware whitening)
+    whiten_dampening: float = 0.01  # of X X^T's mean diagonal, added before the Cholesky (dead input channels)
     rank_search: str = "uniform"  # "sensitivity": per-layer ratios by ASVD's STRS (rank_search.py), same budget
     search_ratios: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)  # candidate ratios of each layer
     search_rows: int = 2  # calibration rows whose loss measures a truncation
@@ -140,6 +155,8 @@ class ASVDConfig(SVDConfig):
     def __post_init__(self):
         super().__post_init__()
         expect(0.0 <= self.alpha <= 2.0, "alpha", self.alpha, "an exponent in [0, 2]")
+        expect(self.scaling in ("absmean", "whiten"), "scaling", self.scaling, "absmean (ASVD) or whiten (SVD-LLM)")
+        expect(0 < self.whiten_dampening < 1, "whiten_dampening", self.whiten_dampening, "a fraction in (0, 1)")
         expect(self.rank_search in ("uniform", "sensitivity"), "rank_search", self.rank_search, "uniform or sensitivity")
         expect(len(self.search_ratios) > 0 and all(0 < r < 1 for r in self.search_ratios), "search_ratios",
                self.search_ratios, "fractions in (0, 1)")
@@ -150,14 +167,18 @@ class ASVDConfig(SVDConfig):
 
 
 @torch.inference_mode()
-def mean_abs_inputs(model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per layer, mean |x| of each input channel over every calibration token (one pass, unchanged model)."""
-    sums = {n: torch.zeros(lin.in_features, dtype=torch.float64) for n, lin in layers.items()}
+def input_statistics(model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor,
+                     second_moment: bool = False) -> dict[str, torch.Tensor]:
+    """Per layer, over every calibration token (one pass, unchanged model): mean |x| of each input channel (in,),
+    or with `second_moment` X X^T / tokens (in, in) (float32 products per sample, summed in float64)."""
+    sums = {n: torch.zeros((lin.in_features,) * (2 if second_moment else 1), dtype=torch.float64)
+            for n, lin in layers.items()}
     count = [0]
 
     def hook(name):
         def add(module, args):
-            sums[name] += args[0].reshape(-1, args[0].shape[-1]).abs().double().sum(0)
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sums[name] += (x.t() @ x).double() if second_moment else x.abs().double().sum(0)
         return add
 
     handles = [lin.register_forward_pre_hook(hook(n)) for n, lin in layers.items()]
@@ -169,6 +190,13 @@ def mean_abs_inputs(model: nn.Module, layers: dict[str, nn.Linear], calib: torch
         for h in handles:
             h.remove()
     return {n: (v / count[0]).float() for n, v in sums.items()}
+
+
+def whitening(second_moment: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Lower-triangular L with L L^T = X X^T / tokens + dampening * mean diagonal * I."""
+    C = second_moment.double()
+    C = C + dampening * C.diagonal().mean() * torch.eye(C.shape[0], dtype=torch.float64)
+    return torch.linalg.cholesky(C).float()
 
 
 def _check_ranks(layers: dict[str, nn.Linear], ratios: Sequence[float], label: str) -> None:
@@ -195,7 +223,7 @@ def _factorize_model(model: nn.Module, layers: dict[str, nn.Linear], ratios: dic
 
 @register("svd", family="lowrank", stage="inference", config=SVDConfig)
 def apply_svd(model: nn.Module, cfg: SVDConfig, calib=None) -> nn.Module:
-    layers = linear_layers(model, cfg.targets, cfg.ignore)
+    layers = linear_layers(model, cfg.targets, cfg.ignore, step="svd")
     _check_ranks(layers, (cfg.ratio,), "svd")
     return _factorize_model(model, layers, dict.fromkeys(layers, cfg.ratio), None, "svd")
 
@@ -204,10 +232,14 @@ def apply_svd(model: nn.Module, cfg: SVDConfig, calib=None) -> nn.Module:
 def apply_asvd(model: nn.Module, cfg: ASVDConfig, calib=None) -> nn.Module:
     if calib is None:
         raise ValueError("asvd needs calibration data")
-    layers = linear_layers(model, cfg.targets, cfg.ignore)
+    layers = linear_layers(model, cfg.targets, cfg.ignore, step="asvd")
     _check_ranks(layers, (cfg.ratio, *cfg.search_ratios) if cfg.rank_search == "sensitivity" else (cfg.ratio,), "asvd")
-    stats = mean_abs_inputs(model, layers, calib)
-    scales = {n: v.clamp(min=1e-6).pow(cfg.alpha) for n, v in stats.items()}
+    whiten = cfg.scaling == "whiten"
+    stats = input_statistics(model, layers, calib, second_moment=whiten)
+    if whiten:
+        scales = {n: whitening(v, cfg.whiten_dampening) for n, v in stats.items()}
+    else:
+        scales = {n: v.clamp(min=1e-6).pow(cfg.alpha) for n, v in stats.items()}
     ratios = dict.fromkeys(layers, cfg.ratio)
     if cfg.rank_search == "sensitivity":
         ratios = strs_ratios(model, layers, calib, scales, cfg)

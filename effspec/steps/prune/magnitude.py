@@ -30,7 +30,7 @@ class MagnitudeConfig(PruneConfig):
 
 @register("magnitude", family="prune", stage="inference", config=MagnitudeConfig)
 def apply(model: nn.Module, cfg: MagnitudeConfig, calib=None) -> nn.Module:
-    layers = linear_layers(model, cfg.targets, cfg.ignore)
+    layers = linear_layers(model, cfg.targets, cfg.ignore, step="magnitude")
     cfg.check_widths(layers)
     for name, linear in track(layers.items(), "magnitude", total=len(layers)):
         score = linear.weight.detach().abs()

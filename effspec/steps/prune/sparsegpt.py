@@ -207,7 +207,7 @@ def refit(W: torch.Tensor, W0: torch.Tensor, H: torch.Tensor, keep: torch.Tensor
 
 @register("sparsegpt", family="prune", stage="inference", config=SparseGPTConfig, calibration=True)
 def apply(model: nn.Module, cfg: SparseGPTConfig, calib=None) -> nn.Module:
-    targets = linear_layers(model, cfg.targets, cfg.ignore)
+    targets = linear_layers(model, cfg.targets, cfg.ignore, step="sparsegpt")
     cfg.check_widths(targets)
     if cfg.grid:
         for name, lin in targets.items():

@@ -60,7 +60,7 @@ def wanda_mask(W: torch.Tensor, x_norm: torch.Tensor, cfg: PruneConfig) -> torch
 
 @register("wanda", family="prune", stage="inference", config=WandaConfig, calibration=True)
 def apply(model: nn.Module, cfg: WandaConfig, calib=None) -> nn.Module:
-    targets = linear_layers(model, cfg.targets, cfg.ignore)
+    targets = linear_layers(model, cfg.targets, cfg.ignore, step="wanda")
     cfg.check_widths(targets)
     if calib is None:
         raise ValueError("wanda needs calibration data")

@@ -305,7 +305,7 @@ def _awq_block(block: nn.Module, plan: list[_Group], xs: list[torch.Tensor], kwa
 
 @register("awq", family="quantize", stage="inference", config=AWQConfig, calibration=True)
 def apply(model: nn.Module, cfg: AWQConfig, calib=None) -> nn.Module:
-    targets = linear_layers(model, cfg.targets, cfg.ignore)
+    targets = linear_layers(model, cfg.targets, cfg.ignore, step="awq")
     for name, lin in targets.items():  # check every shape before any work
         cfg.grid.group_for(lin.in_features, name)
     if calib is None:

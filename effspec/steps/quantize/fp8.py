@@ -60,7 +60,7 @@ def fp8_quantize(W: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
 
 @register("fp8", family="quantize", stage="inference", config=FP8Config)
 def apply(model: nn.Module, cfg: FP8Config, calib=None) -> nn.Module:
-    layers = linear_layers(model, cfg.targets, cfg.ignore)
+    layers = linear_layers(model, cfg.targets, cfg.ignore, step="fp8")
     for name in layers:  # check every layer before touching any
         Grid(8, cfg.group_size, True).group_for(layers[name].in_features, name)
     for name, linear in track(layers.items(), "fp8", total=len(layers)):

@@ -109,7 +109,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, group: int, cfg:
 
 @register("gptq", family="quantize", stage="inference", config=GPTQConfig, calibration=True)
 def apply(model: nn.Module, cfg: GPTQConfig, calib=None) -> nn.Module:
-    targets = linear_layers(model, cfg.targets, cfg.ignore, sparse=True)  # a pruned layer stays sparse
+    targets = linear_layers(model, cfg.targets, cfg.ignore, sparse=True, step="gptq")  # a pruned layer stays sparse
     for name, lin in targets.items():  # check every shape before any work
         cfg.grid.group_for(lin.in_features, name)
         pruned_mask(lin, cfg.grid, name)

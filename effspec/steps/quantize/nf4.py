@@ -96,7 +96,7 @@ def nf4_quantize(W: torch.Tensor, blocksize: int, double_quant: bool = False
 
 @register("nf4", family="quantize", stage="inference", config=NF4Config)
 def apply(model: nn.Module, cfg: NF4Config, calib=None) -> nn.Module:
-    layers = linear_layers(model, cfg.targets, cfg.ignore)
+    layers = linear_layers(model, cfg.targets, cfg.ignore, step="nf4")
     for name in layers:  # check every layer before touching any
         Grid(4, cfg.blocksize, True).group_for(layers[name].in_features, name)
     for name, linear in track(layers.items(), "nf4", total=len(layers)):

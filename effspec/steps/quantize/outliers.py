@@ -149,7 +149,7 @@ PACKED_LAYERS[OutlierW8A8Linear.kind] = OutlierW8A8Linear  # type: ignore[assign
 def apply(model: nn.Module, cfg: OutliersConfig, calib=None) -> nn.Module:
     if calib is None:
         raise ValueError("outliers needs calibration data")
-    targets = set(linear_layers(model, cfg.targets, cfg.ignore))
+    targets = set(linear_layers(model, cfg.targets, cfg.ignore, step="outliers"))
     block_names = {id(m): n for n, m in model.named_modules()}
     counts: list[int] = []
 

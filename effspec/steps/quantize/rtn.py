@@ -49,7 +49,7 @@ class RTNConfig:
 
 @register("rtn", family="quantize", stage="inference", config=RTNConfig)
 def apply(model: nn.Module, cfg: RTNConfig, calib=None) -> nn.Module:
-    layers = linear_layers(model, cfg.targets, cfg.ignore, sparse=True)  # a pruned layer stays sparse
+    layers = linear_layers(model, cfg.targets, cfg.ignore, sparse=True, step="rtn")  # a pruned layer stays sparse
     for name in layers:  # check every layer before touching any
         cfg.grid.group_for(layers[name].in_features, name)
         pruned_mask(layers[name], cfg.grid, name)  # a pruned layer on an asymmetric grid: UserError

@@ -174,7 +174,7 @@ def smooth_model(model: nn.Module, calib: torch.Tensor, alpha: float) -> nn.Modu
 def apply(model: nn.Module, cfg: SmoothQuantConfig, calib=None) -> nn.Module:
     if calib is None:
         raise ValueError("smoothquant needs calibration data")
-    targets = set(linear_layers(model, cfg.targets, cfg.ignore))
+    targets = set(linear_layers(model, cfg.targets, cfg.ignore, step="smoothquant"))
     block_names = {id(m): n for n, m in model.named_modules()}
 
     # deviation: the reference code takes activation maxima from the float model in one pass; here block i's

@@ -261,7 +261,7 @@ def quantize_linears(model: nn.Module, names: list[str]) -> None:
 
 @register("w8a8", family="quantize", stage="inference", config=W8A8Config)
 def apply(model: nn.Module, cfg: W8A8Config, calib=None) -> nn.Module:
-    names = list(linear_layers(model, cfg.targets, cfg.ignore))
+    names = list(linear_layers(model, cfg.targets, cfg.ignore, step="w8a8"))
     for name in track(names, "w8a8", total=len(names)):
         quantize_linears(model, [name])
     log.info("w8a8: %d linear layers to int8 weights and activations (%s matmul)", len(names), int8_backend())
