@@ -224,7 +224,8 @@ class SparseQuantLinear(QuantLinear):
     (before the group scales). Everything that reads `codes()` -- dequantized
     forward, exporters, QLoRA -- sees the dense codes. The decode kernels read a
     dense 4- or 8-bit copy built on first use (as 2/3-bit layers do; not saved):
-    speed and run-time memory are the dense packed layer's, the stored bytes drop.
+    decode speed is the dense packed layer's and run-time memory that plus the
+    stored form; the stored bytes drop.
     """
 
     kind = "sparse-quant"
