@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from effspec import kernels as effspec_kernels
+from effspec.errors import UserError
 from effspec.frozen import frozen_linear, needs_grad
 from effspec.layers_float import FP8Linear, NF4Linear  # never imports this module: no cycle
-from effspec.errors import UserError
 from effspec.sparsity import SparseLinear  # never imports this module: no cycle
 from effspec.quant import Grid, dequantize, grid_params, pack_bits, quantize, storage_dtype, unpack_bits
 
@@ -218,10 +218,9 @@ class SparseQuantLinear(QuantLinear):
 
     Pruning and quantizing (`sparsegpt` with `bits`, or `rtn`/`gptq` after a
     pruning step) leaves exact zeros on a symmetric grid, where zero is the
-    middle code 2^(bits-1). Dense
-    codes would spend `bits` on each of them; here a weight costs 1 mask bit,
-    plus `bits` when kept: at 50% and 4 bits, 3 bits a weight instead of 4
-    (before the group scales). Everything that reads `codes()` -- dequantized
+    middle code 2^(bits-1). Dense codes would spend `bits` on each of them;
+    here a weight costs 1 mask bit, plus `bits` when kept: at 50% and 4 bits,
+    3 bits a weight instead of 4 (before the group scales). Everything that reads `codes()` -- dequantized
     forward, exporters, QLoRA -- sees the dense codes. The decode kernels read a
     dense 4- or 8-bit copy built on first use (as 2/3-bit layers do; not saved):
     decode speed is the dense packed layer's and run-time memory that plus the
