@@ -3,9 +3,10 @@
 `smollm2-135m` under the BENCHMARKS.md protocol (../shared/BENCHMARKS.md), for
 every setting of `SETTINGS_TABLE` (issue 4): float32; magnitude, Wanda and
 SparseGPT at 50% unstructured, 2:4 and 4:8; SparseGPT 50% jointly with 4-bit
-group-64 weights, and then GPTQ w4 g64 as a second step (`sparsegpt-50+gptq-w4g64`,
-the pruned layers kept sparse; llm-compressor's row is the joint one's); drop-layers removing 4 and 8 of the 30 blocks; prune-width
-removing 20% and 35% of the parameters; SVD and ASVD keeping 80% and 60% of
+group-64 weights, and with GPTQ w4 g64 as a second step
+(`sparsegpt-50+gptq-w4g64`, the pruned layers kept sparse; llm-compressor's
+row is the joint one's); drop-layers removing 4 and 8 of the 30 blocks;
+prune-width removing 20% and 35% of the parameters; SVD and ASVD keeping 80% and 60% of
 the linear parameters, and ASVD with SVD-LLM's whitening (`scaling: whiten`)
 at both ratios; and per-layer allocation against uniform at the same
 budget: Wanda and SparseGPT at 70% uniform and with OWL's block sparsities,

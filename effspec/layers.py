@@ -88,15 +88,18 @@ class QuantLinear(nn.Module):
                    bias: torch.Tensor | None) -> "QuantLinear":
         """Wrap codes q (out, in) and their per-group (scale, minimum) into a packed layer."""
         out, inp = q.shape
-        dtype = storage_dtype(scale, minimum)
-        layer = cls(inp, out, grid, bias is not None, dtype)
+        layer = cls(inp, out, grid, bias is not None, storage_dtype(scale, minimum))
         layer.qweight.copy_(pack_bits(q, grid.bits))
-        layer.scales.copy_(scale.to(dtype))
-        if not grid.symmetric:
-            layer.mins.copy_(minimum.to(dtype))
+        return layer._store_grid(scale, minimum, bias)
+
+    def _store_grid(self, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None) -> "QuantLinear":
+        """Copy the group scales (and minimums, asymmetric) and the bias into this layer's buffers; returns it."""
+        self.scales.copy_(scale.to(self.scales.dtype))
+        if not self.grid.symmetric:
+            self.mins.copy_(minimum.to(self.mins.dtype))
         if bias is not None:
-            layer.bias.copy_(bias.detach().float())
-        return layer
+            self.bias.copy_(bias.detach().float())
+        return self
 
     @classmethod
     def from_linear(cls, linear: nn.Module, grid: Grid, where: str = "") -> "QuantLinear":
@@ -247,14 +250,10 @@ class SparseQuantLinear(QuantLinear):
         if bool((q[~keep] != zero).any()):
             raise ValueError("a pruned position holds a code other than the zero code")
         out, inp = q.shape
-        dtype = storage_dtype(scale, minimum)
-        layer = cls(inp, out, grid, bias is not None, dtype, int(keep.sum()))
+        layer = cls(inp, out, grid, bias is not None, storage_dtype(scale, minimum), int(keep.sum()))
         layer.qweight.copy_(pack_bits(q[keep], grid.bits))
         layer.mask.copy_(pack_bits(keep.reshape(-1).to(torch.uint8), 1))
-        layer.scales.copy_(scale.to(dtype))
-        if bias is not None:
-            layer.bias.copy_(bias.detach().float())
-        return layer
+        return layer._store_grid(scale, minimum, bias)
 
     def manifest(self) -> dict:
         return {**super().manifest(), "nnz": self.nnz}
