@@ -11,7 +11,9 @@ demanding user expects of a trainer on a CPU:
   AMX; `bf16: null` decides from /proc/cpuinfo) -- elsewhere bf16 emulation is
   slower than float32;
 - gradient checkpointing (activations recomputed in backward, so peak memory
-  is about one block's activations instead of all of them);
+  is about one block's activations instead of all of them), and large tensors
+  served from a size-class cache (`effspec.block_cache`) instead of glibc's
+  heap, which fragments around them;
 - linear warm-up then cosine (or linear, or constant) learning-rate decay;
 - an evaluation callback every `eval_every` steps;
 - a progress bar with the loss and tokens/s (a log line per 10% without a terminal);
@@ -36,6 +38,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from effspec.block_cache import block_cache
 from effspec.config import expect
 from effspec.errors import UserError
 from effspec.progress import status_bar
@@ -219,7 +222,7 @@ def train(model: nn.Module, batches: Callable[[int], list[Batch]], loss_fn: Loss
     else:
         torch.manual_seed(cfg.seed)  # dropout masks: a pure function of the seed
     bf16 = native_bf16() if cfg.bf16 is None else cfg.bf16
-    with training_mode(model, cfg.grad_checkpointing), status_bar(describe, cfg.steps, start) as bar:
+    with training_mode(model, cfg.grad_checkpointing), block_cache(), status_bar(describe, cfg.steps, start) as bar:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             micro = batches(step)
