@@ -12,14 +12,16 @@ glibc's `M_MMAP_THRESHOLD` at 128 KiB (every large block its own mapping) gave
 0.30 GB but 2.3x the step time, page faults on every allocation.
 
 This cache takes the middle road, as GPU caching allocators do: while a training
-loop runs, blocks of 256 KiB and more come from their own page-aligned
+loop or a recipe step runs, blocks of 256 KiB and more come from their own page-aligned
 mappings, rounded up to a size class (eighths of a power of two, at most 12.5%
 over); a freed block waits in its class's idle list and serves the next request
 of that class, with no page fault and no hole. Because the loop repeats its
 shapes, the idle lists stop growing after the first step. On leaving the loop
 the idle blocks are unmapped and torch's default allocator is back; a block
 still alive then is unmapped when its tensor dies. Same setting as above: 0.37
-GB over the loaded model, step time unchanged (37.4 s against 36.7 s).
+GB over the loaded model, step time unchanged (37.4 s against 36.7 s). SparseGPT
+50% with 16 x 2048 calibration tokens, one thread: the resident set rose 1,305
+MiB against glibc's 1,505, in 338 s against 339.
 
 Smaller blocks, tensors made outside the loop and memory that oneDNN or OpenMP
 allocate themselves still go to glibc. `EFFSPEC_BLOCK_CACHE=0` turns the cache
@@ -184,7 +186,9 @@ def available() -> bool:
 
 @contextlib.contextmanager
 def block_cache() -> Iterator[bool]:
-    """Serve large CPU tensors from the size-class cache inside the block; yields whether it is on."""
+    """Serve large CPU tensors from the size-class cache inside the block; yields whether it is on.
+
+    Tensors made inside may outlive it: their blocks are unmapped when they die."""
     global _depth
     mod = _module()
     if mod is None or _depth:

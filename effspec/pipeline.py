@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import effspec
+from effspec.block_cache import block_cache
 from effspec.data import TextSource, calibration_samples, calibration_tokens, eval_windows, load_text, text_digest, tokenize
 from effspec.errors import UserError
 from effspec.measure.kld import KLDAccumulator, Reference, reference_path
@@ -211,10 +212,11 @@ def apply_recipe(model: torch.nn.Module, recipe: Recipe, ev: Evaluation) -> torc
     for i, (name, cfg) in enumerate(recipe.steps):
         log.info("applying %s", name)
         info = get_step(name)
-        if info.training:
-            model = info.apply(model, cfg, calib, tokenizer=ev.tokenizer, teacher=teacher)
-        else:
-            model = info.apply(model, cfg, calib)
+        with block_cache():  # a step's repeated per-layer shapes would fragment glibc's heap
+            if info.training:
+                model = info.apply(model, cfg, calib, tokenizer=ev.tokenizer, teacher=teacher)
+            else:
+                model = info.apply(model, cfg, calib)
         check_finite(model, name)
         if wants_teacher and i == wants_teacher[-1]:
             teacher = None  # no later step distills: free its memory before measuring
