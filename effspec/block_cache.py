@@ -172,11 +172,11 @@ def _module():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        log.info("effspec: loading the training block cache (built on first use per machine, under a minute)")
+        log.info("effspec: loading the block cache (built on first use per machine, under a minute)")
         return load_inline(name="effspec_block_cache_v1", cpp_sources=[_DECLS, _SOURCE],
                            functions=["enable", "disable", "stats"], extra_cflags=["-O2"], verbose=False)
     except Exception as exc:  # no compiler or ninja: glibc alone, as before
-        log.warning("effspec: training block cache unavailable (%s); using glibc's heap", str(exc).splitlines()[0])
+        log.warning("effspec: block cache unavailable (%s); using glibc's heap", str(exc).splitlines()[0])
         return None
 
 
@@ -191,20 +191,16 @@ def block_cache() -> Iterator[bool]:
     Tensors made inside may outlive it: their blocks are unmapped when they die."""
     global _depth
     mod = _module()
-    if mod is None or _depth:
-        _depth += 1
-        try:
-            yield mod is not None
-        finally:
-            _depth -= 1
-        return
-    mod.enable(MIN_BYTES, PRIORITY)
+    outermost = mod is not None and _depth == 0
+    if outermost:
+        mod.enable(MIN_BYTES, PRIORITY)
     _depth += 1
     try:
-        yield True
+        yield mod is not None
     finally:
         _depth -= 1
-        mod.disable(PRIORITY)
+        if outermost:
+            mod.disable(PRIORITY)
 
 
 def stats() -> dict[str, int]:

@@ -70,3 +70,14 @@ def test_training_with_the_cache_matches_training_without(monkeypatch):
     assert stats()["reuses"] > reuses  # the loop's tensors did come from the cache
     monkeypatch.setattr(bc, "_module", lambda: None)
     assert losses() == cached
+
+
+def test_the_variable_turns_the_cache_off():
+    import os
+    import subprocess
+    import sys
+
+    probe = "from effspec.block_cache import block_cache\nwith block_cache() as on: print(on)"
+    out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "EFFSPEC_BLOCK_CACHE": "0"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
