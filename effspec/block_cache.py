@@ -16,7 +16,10 @@ loop or a recipe step runs, blocks of 256 KiB and more come from their own page-
 mappings, rounded up to a size class (eighths of a power of two, at most 12.5%
 over); a freed block waits in its class's idle list and serves the next request
 of that class, with no page fault and no hole. Because the loop repeats its
-shapes, the idle lists stop growing after the first step. On leaving the loop
+shapes, the idle lists stop growing after the first step; they never hold more
+than twice the most bytes ever alive at once, so a tensor that keeps growing
+(a KV cache extended by concatenation) cannot leave a block of every size
+behind it. On leaving the loop
 the idle blocks are unmapped and torch's default allocator is back; a block
 still alive then is unmapped when its tensor dies. Same setting as above: 0.37
 GB over the loaded model, step time unchanged (37.4 s against 36.7 s). SparseGPT
@@ -67,7 +70,7 @@ struct BlockCache final : at::Allocator {
   std::unordered_map<void*, size_t> live;               // block -> its size class
   at::Allocator* fallback = nullptr;                    // torch's default CPU allocator
   bool on = false;
-  size_t min_bytes = 0, live_bytes = 0, idle_bytes = 0, peak_bytes = 0, reuses = 0;
+  size_t min_bytes = 0, live_bytes = 0, live_peak = 0, idle_bytes = 0, peak_bytes = 0, reuses = 0;
 
   static void release(void* ptr);
 
@@ -92,6 +95,7 @@ struct BlockCache final : at::Allocator {
     std::lock_guard<std::mutex> g(mu);
     live[p] = size;
     live_bytes += size;
+    if (live_bytes > live_peak) live_peak = live_bytes;
     if (live_bytes + idle_bytes > peak_bytes) peak_bytes = live_bytes + idle_bytes;
     return {p, p, &BlockCache::release, at::Device(at::DeviceType::CPU)};
   }
@@ -113,7 +117,9 @@ void BlockCache::release(void* ptr) {
       size = it->second;
       cache->live.erase(it);
       cache->live_bytes -= size;
-      keep = cache->on;
+      // idle blocks stay within twice the most ever alive at once: a loop's repeating shapes fit, while a
+      // tensor that keeps growing (a KV cache by torch.cat) cannot leave a block of every size behind it
+      keep = cache->on && cache->idle_bytes + size <= 2 * cache->live_peak;
       if (keep) {
         cache->idle[size].push_back(ptr);
         cache->idle_bytes += size;
@@ -130,6 +136,7 @@ void enable(int64_t min_bytes, int64_t priority) {
   {
     std::lock_guard<std::mutex> g(cache->mu);
     cache->min_bytes = (size_t)min_bytes;
+    cache->live_peak = cache->live_bytes;
     cache->on = true;
   }
   c10::SetCPUAllocator(cache, (uint8_t)priority);
@@ -173,7 +180,7 @@ def _module():
         from torch.utils.cpp_extension import load_inline
 
         log.info("effspec: loading the block cache (built on first use per machine, under a minute)")
-        return load_inline(name="effspec_block_cache_v1", cpp_sources=[_DECLS, _SOURCE],
+        return load_inline(name="effspec_block_cache_v2", cpp_sources=[_DECLS, _SOURCE],
                            functions=["enable", "disable", "stats"], extra_cflags=["-O2"], verbose=False)
     except Exception as exc:  # no compiler or ninja: glibc alone, as before
         log.warning("effspec: block cache unavailable (%s); using glibc's heap", str(exc).splitlines()[0])

@@ -81,3 +81,15 @@ def test_the_variable_turns_the_cache_off():
     out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "EFFSPEC_BLOCK_CACHE": "0"},
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_idle_blocks_stay_within_twice_the_live_peak():
+    with block_cache():
+        base = stats()["live_bytes"]
+        for step in range(40):  # a tensor that grows by concatenation, as a KV cache does
+            x = torch.ones(65536 + 8192 * step)  # 256 KiB, then every 32 KiB more: a new size class every few steps
+            del x
+        held = stats()
+        largest = 4 * (65536 + 8192 * 39)
+        assert held["idle_bytes"] <= 2 * (base + largest * 9 // 8 + 4096)
+        assert held["reuses"] > 0
