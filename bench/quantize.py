@@ -287,6 +287,7 @@ def effspec_worker(spec_path: Path) -> int:
         from effspec.measure.memory import peak_rss_bytes
         from effspec.measure.perplexity import perplexity
         from effspec.measure.size import size
+        from effspec.block_cache import block_cache
         from effspec.models import load_model
         from effspec.pipeline import check_finite
         from effspec.recipe import parse_recipe
@@ -299,7 +300,8 @@ def effspec_worker(spec_path: Path) -> int:
         t0 = time.perf_counter()
         for name, cfg in recipe.steps:
             info = get_step(name)
-            model = info.apply(model, cfg, tokens["calib"] if info.needs_calibration else None)
+            with block_cache():  # as effspec.pipeline.apply_recipe runs every step
+                model = info.apply(model, cfg, tokens["calib"] if info.needs_calibration else None)
             check_finite(model, name)
         model.eval()
         out["compress_seconds"] = time.perf_counter() - t0
