@@ -35,12 +35,10 @@ profiler does not see the cache's blocks.
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 from functools import lru_cache
 from typing import Iterator
 
-log = logging.getLogger(__name__)
+from effspec.cpp import compile_inline
 
 MIN_BYTES = 256 * 1024  # smaller requests stay with torch's default allocator (glibc packs them well)
 PRIORITY = 1  # c10's allocator priority: above the default's 0, so the cache takes over, and equal to put it back
@@ -70,7 +68,7 @@ struct BlockCache final : at::Allocator {
   std::unordered_map<void*, size_t> live;               // block -> its size class
   at::Allocator* fallback = nullptr;                    // torch's default CPU allocator
   bool on = false;
-  size_t min_bytes = 0, live_bytes = 0, live_peak = 0, idle_bytes = 0, peak_bytes = 0, reuses = 0;
+  size_t min_bytes = 0, live_bytes = 0, live_peak = 0, idle_bytes = 0, reuses = 0;
 
   static void release(void* ptr);
 
@@ -96,7 +94,6 @@ struct BlockCache final : at::Allocator {
     live[p] = size;
     live_bytes += size;
     if (live_bytes > live_peak) live_peak = live_bytes;
-    if (live_bytes + idle_bytes > peak_bytes) peak_bytes = live_bytes + idle_bytes;
     return {p, p, &BlockCache::release, at::Device(at::DeviceType::CPU)};
   }
 
@@ -158,7 +155,7 @@ void disable(int64_t priority) {
 
 std::vector<int64_t> stats() {
   std::lock_guard<std::mutex> g(cache->mu);
-  return {(int64_t)cache->live_bytes, (int64_t)cache->idle_bytes, (int64_t)cache->peak_bytes,
+  return {(int64_t)cache->live_bytes, (int64_t)cache->idle_bytes, (int64_t)cache->live_peak,
           (int64_t)cache->reuses, (int64_t)cache->live.size()};
 }
 """
@@ -174,17 +171,8 @@ _depth = 0  # nested `block_cache()` contexts: only the outermost switches alloc
 
 @lru_cache(maxsize=1)
 def _module():
-    if os.environ.get("EFFSPEC_BLOCK_CACHE", "1") == "0":
-        return None
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        log.info("effspec: loading the block cache (built on first use per machine, under a minute)")
-        return load_inline(name="effspec_block_cache_v2", cpp_sources=[_DECLS, _SOURCE],
-                           functions=["enable", "disable", "stats"], extra_cflags=["-O2"], verbose=False)
-    except Exception as exc:  # no compiler or ninja: glibc alone, as before
-        log.warning("effspec: block cache unavailable (%s); using glibc's heap", str(exc).splitlines()[0])
-        return None
+    return compile_inline("effspec_block_cache_v3", _DECLS, _SOURCE, ["enable", "disable", "stats"], "block cache",
+                          "EFFSPEC_BLOCK_CACHE")
 
 
 def available() -> bool:
@@ -211,7 +199,8 @@ def block_cache() -> Iterator[bool]:
 
 
 def stats() -> dict[str, int]:
-    """Bytes in blocks alive and idle, the peak of their sum, reuses so far and live block count (zeros when off)."""
+    """Bytes in blocks alive and idle, the most alive at once since the context began (idle stays within twice
+    that), reuses so far and live block count (zeros when off)."""
     mod = _module()
-    live, idle, peak, reuses, blocks = mod.stats() if mod is not None else (0, 0, 0, 0, 0)
-    return {"live_bytes": live, "idle_bytes": idle, "peak_bytes": peak, "reuses": reuses, "live_blocks": blocks}
+    live, idle, live_peak, reuses, blocks = mod.stats() if mod is not None else (0, 0, 0, 0, 0)
+    return {"live_bytes": live, "idle_bytes": idle, "live_peak": live_peak, "reuses": reuses, "live_blocks": blocks}

@@ -32,13 +32,13 @@ other paths.
 
 from __future__ import annotations
 
-import logging
 import os
 from functools import lru_cache
 
 import torch
 
-log = logging.getLogger(__name__)
+from effspec.cpp import compile_inline
+
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -652,19 +652,10 @@ EMPTY = torch.empty(0)  # "no bias"
 
 @lru_cache(maxsize=1)
 def _module():
-    if os.environ.get("EFFSPEC_CPP_KERNELS", "1") == "0":
-        return None
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        log.info("effspec: loading the low-bit C++ kernels (built on first use per machine, about a minute)")
-        return load_inline(name="effspec_lowbit_v17", cpp_sources=[_DECLS, _SOURCE],
-                           functions=["lowbit_linear", "rms_norm", "silu_mul", "rope_attend", "linear_rows", "w8a8_rows"],
-                           extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as exc:  # no compiler, no ninja, a read-only cache...: the other paths still work
-        log.warning("effspec: low-bit C++ kernels unavailable (%s); using torch's paths", str(exc).splitlines()[0])
-        return None
+    return compile_inline("effspec_lowbit_v17", _DECLS, _SOURCE,
+                          ["lowbit_linear", "rms_norm", "silu_mul", "rope_attend", "linear_rows", "w8a8_rows"],
+                          "low-bit C++ kernels", "EFFSPEC_CPP_KERNELS",
+                          cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], ldflags=["-fopenmp"])
 
 
 def available() -> bool:

@@ -85,11 +85,12 @@ def test_the_variable_turns_the_cache_off():
 
 def test_idle_blocks_stay_within_twice_the_live_peak():
     with block_cache():
-        base = stats()["live_bytes"]
+        grown = 0
         for step in range(40):  # a tensor that grows by concatenation, as a KV cache does
             x = torch.ones(65536 + 8192 * step)  # 256 KiB, then every 32 KiB more: a new size class every few steps
+            grown += x.numel() * 4
             del x
         held = stats()
-        largest = 4 * (65536 + 8192 * 39)
-        assert held["idle_bytes"] <= 2 * (base + largest * 9 // 8 + 4096)
-        assert held["reuses"] > 0
+        assert held["reuses"] > 0  # steps within a class reuse the block the previous step freed
+        assert held["live_peak"] >= 4 * (65536 + 8192 * 39)
+        assert held["idle_bytes"] <= 2 * held["live_peak"] < grown  # unbounded, every class's block would stay
