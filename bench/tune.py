@@ -25,6 +25,13 @@ accumulation, learning-rate schedule, bf16 autocast and gradient checkpointing:
   which alone shifts the loss curves apart; `--peer-schedule own` uses
   `lr_scheduler_type="cosine"` and `warmup_steps` as they are.
 
+`--shape smollm2-360m|smollm2-1.7b` runs the memory part on a model of that
+published SmolLM2 shape (SHAPES: width, depth, heads) with transformers' random
+initialisation, the real model's vocabulary and tokenizer, on both sides: no
+larger real model can be had on this machine, and at 135M parameters the
+imported libraries and the embedding outweigh the linear weights QLoRA packs.
+Its memory and step times are real; its losses are not a model's.
+
 Each setting runs in its own fresh process (effspec's with the one glibc malloc
 arena effspec asks for on import; the peer's with glibc's default, as its users
 run it: `malloc_arenas` in the row). After loading (and, for QLoRA,
@@ -77,6 +84,8 @@ within a run, not seconds across runs.
         --distill-steps 3 --distill-batch 2 --distill-seqlen 128 --calib-samples 4 --calib-seqlen 128 \\
         --eval-every 1 --out bench/results/tune-smoke.json # a smoke run, ~5 min
     python bench/tune.py                                   # the issue's settings (over an hour)
+    python bench/tune.py --parts memory --shape smollm2-1.7b --settings lora,qlora-nf4,qlora-rtn-w4g64,peer-lora \
+        --steps 3 --batch-size 1 --out bench/results/tune-1.7b.json  # QLoRA where the weights dominate, ~6 min
 """
 
 from __future__ import annotations
@@ -109,6 +118,15 @@ TARGET_QLORA_VS_LORA = 0.6  # QLoRA peak train memory / LoRA's
 TARGET_STEP_TIME = 1.0  # effspec LoRA s/step / the peer's
 TARGET_RECOVERY = {"drop-layers-8+distill": 0.30, "sparsegpt-24+lora-distill": 0.20}
 BLOCK_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# --shape: the larger SmolLM2 models' published shapes (their config.json), built with random weights over the
+# real model's config and tokenizer, so memory can be measured where the weights, not the fixed costs, dominate
+SHAPES: dict[str, dict] = {
+    MODEL: {},
+    "smollm2-360m": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15,
+                     "num_key_value_heads": 5},
+    "smollm2-1.7b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
+                     "num_key_value_heads": 32},
+}
 
 log = logging.getLogger("bench.tune")
 
@@ -175,6 +193,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     m.add_argument("--full-lr", type=float, default=5e-5, help="full fine-tuning's learning rate (default 5e-5)")
     m.add_argument("--warmup", type=non_negative, default=2, help="warm-up steps, then cosine (default 2; at most --steps)")
     m.add_argument("--rank", type=count, default=16, help="LoRA/DoRA rank (alpha = 2 x rank; default 16)")
+    m.add_argument("--shape", choices=list(SHAPES), default=MODEL,
+                   help=f"model of the memory part (default {MODEL}, the real one); the others are random weights in "
+                        "a larger published shape (memory and time only: losses are meaningless; full fine-tuning "
+                        "of smollm2-1.7b needs ~35 GB)")
     m.add_argument("--peer-schedule", choices=("same", "own"), default="same",
                    help="peer lr schedule: effspec's factor (same) or transformers' cosine with warmup_steps (own)")
     m.add_argument("--loss-tol", type=float, default=0.05,
@@ -198,6 +220,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON rows, also the resume cache (default bench/results/tune.json)")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one setting in this process
     args = p.parse_args(argv)
+    if args.shape != MODEL and "recovery" in args.parts:
+        p.error(f"--shape {args.shape} has random weights: use it with --parts memory only")
     if args.batch_size % args.micro_batch or args.distill_batch % args.distill_micro:
         p.error("--batch-size (--distill-batch) must be a multiple of --micro-batch (--distill-micro)")
     return args
@@ -250,7 +274,8 @@ def protocols(args: argparse.Namespace, inputs: dict) -> dict[str, dict]:
               "seed": args.seed, "bf16": bf16_flag(args)}
     memory = {**common, "steps": args.steps, "batch_size": args.batch_size, "micro_batch": args.micro_batch,
               "seqlen": args.seqlen, "lr": args.lr, "full_lr": args.full_lr, "warmup": min(args.warmup, args.steps),
-              "rank": args.rank, "peer_schedule": args.peer_schedule}
+              "rank": args.rank, "peer_schedule": args.peer_schedule,
+              **({"shape": args.shape} if args.shape != MODEL else {})}  # no key for the real model: cached rows stay
     recovery = {**common, "calib_digest": inputs["calib_digest"], "calib_samples": args.calib_samples,
                 "calib_seqlen": args.calib_seqlen, "windows": args.windows, "eval_seqlen": args.eval_seqlen,
                 "windows_digest": inputs["windows_digest"], "steps": args.distill_steps, "batch_size": args.distill_batch,
@@ -356,15 +381,33 @@ def effspec_train(model, tokenizer, spec: dict, ids, teacher=None) -> tuple:
     return model, tlog, cfg, n
 
 
+def random_model(shape: str, seed: int):
+    """A float32 model of `shape` (SHAPES) with transformers' random initialisation, and the real model's tokenizer."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(model_dir()))
+    for k, v in SHAPES[shape].items():
+        setattr(config, k, v)
+    config.head_dim = config.hidden_size // config.num_attention_heads
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(str(model_dir()))
+
+
 def memory_effspec(spec: dict, tokens: dict, out: dict) -> None:
     from effspec.config import config_from_dict
     from effspec.models import load_model
     from effspec.registry import get_step
 
     t0 = time.perf_counter()
-    loaded = load_model(MODEL)
-    model = loaded.model
+    if spec.get("shape", MODEL) == MODEL:
+        loaded = load_model(MODEL)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    else:
+        model, tokenizer = random_model(spec["shape"], spec["seed"])
     out["load_seconds"] = time.perf_counter() - t0
+    out["params"] = sum(p.numel() for p in model.parameters())
     out["rss_float_loaded_bytes"] = rss_bytes()
     base = spec["definition"].get("base")
     if base:
@@ -375,7 +418,7 @@ def memory_effspec(spec: dict, tokens: dict, out: dict) -> None:
     out["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
     with measured(out):
         with StepClock() as clock:
-            _, tlog, cfg, n = effspec_train(model, loaded.tokenizer, spec, tokens["train"])
+            _, tlog, cfg, n = effspec_train(model, tokenizer, spec, tokens["train"])
     out.update(clock.figures(), losses=tlog.losses, tokens=tlog.tokens, loop_seconds=tlog.seconds, trainable_params=n,
                lr=cfg.lr, warmup=cfg.warmup, bf16=spec["bf16"])
 
@@ -430,7 +473,10 @@ def memory_peer(spec: dict, tokens: dict, out: dict) -> None:
 
     t = spec["train_cfg"]
     t0 = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir()), dtype=torch.float32)
+    if spec.get("shape", MODEL) == MODEL:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir()), dtype=torch.float32)
+    else:
+        model = random_model(spec["shape"], spec["seed"])[0]
     out["load_seconds"] = time.perf_counter() - t0
     out["rss_float_loaded_bytes"] = rss_bytes()
     out["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
@@ -619,7 +665,7 @@ class Run:
             rank = None
         spec = {"setting": name, "definition": definition, "tokens": str(self.work / "tokens.pt"), "threads": a.threads,
                 "seed": a.seed, "bf16": pr["bf16"], "train_cfg": train_cfg, "lr": lr, "rank": rank,
-                "peer_schedule": a.peer_schedule}
+                "peer_schedule": a.peer_schedule, "shape": a.shape}
         log.info("%s: running (%s part, %s)", name, part, side)
         out = run_worker([sys.executable, str(Path(__file__).resolve()), "--worker"], spec, self.work, name, a.threads,
                          self.logs)
@@ -711,8 +757,8 @@ def notes(rows: list[dict]) -> list[str]:
     return out
 
 
-def memory_ratio(by: dict[str, dict], a: str, b: str, limit: float) -> str:
-    label = f"{a} peak train memory <= {limit:.2f}x {b}'s"
+def memory_ratio(by: dict[str, dict], a: str, b: str, limit: float, shape: str = MODEL) -> str:
+    label = f"{a} peak train memory <= {limit:.2f}x {b}'s" + ("" if shape == MODEL else f" ({shape} shape, random weights)")
     missing = [n for n in (a, b) if n not in by]
     if missing:
         return f"{label}: not run ({', '.join(missing)} missing)"
@@ -726,9 +772,9 @@ def verdicts(rows: list[dict], args: argparse.Namespace) -> list[str]:
     by = {r["setting"]: r for r in rows if r["status"] == "ok"}
     out = []
     if "memory" in args.parts:
-        out.append(memory_ratio(by, "lora", "finetune", TARGET_LORA_VS_FULL))
+        out.append(memory_ratio(by, "lora", "finetune", TARGET_LORA_VS_FULL, args.shape))
         for q in ("qlora-nf4", "qlora-rtn-w4g64"):
-            out.append(memory_ratio(by, q, "lora", TARGET_QLORA_VS_LORA))
+            out.append(memory_ratio(by, q, "lora", TARGET_QLORA_VS_LORA, args.shape))
         c = peer_comparison(by)
         label = f"effspec LoRA s/step <= {TARGET_STEP_TIME:.2f}x peft+Trainer's with the same loss curve (max |dloss| <= {args.loss_tol})"
         if c is None or c["step_time_ratio"] is None:
@@ -795,7 +841,8 @@ def report(args: argparse.Namespace, run: Run, seconds: float) -> None:
     record = {**run.meta, "total_seconds": seconds, "lora_vs_peer": peer_comparison(by), "rows": run.all_rows()}
     env, m = run.meta["env"], run.protocols["memory"]
     peer = by.get("peer-lora", {}).get("versions", {})
-    print(f"effspec tuning benchmark: {MODEL}; training text wiki.valid.raw of {args.data} "
+    shape = MODEL if args.shape == MODEL else f"{args.shape} shape, random weights (memory and time only)"
+    print(f"effspec tuning benchmark: {shape}; training text wiki.valid.raw of {args.data} "
           f"({run.meta['inputs']['train_tokens']:,} tokens, contiguous rows); {args.threads} thread(s); bf16 "
           f"{'on' if m['bf16'] else 'off'}; cpu: {env['cpu']}\n"
           f"effspec {env['effspec']} (torch {env['torch']}, transformers {env['transformers']}); "

@@ -173,6 +173,22 @@ def test_frozen_linear_gradient_matches_the_dequantized_linear():
     assert layer(x).grad_fn is not None  # the packed layer routes to it whenever its input needs gradients
 
 
+@pytest.mark.parametrize("base", ["rtn", "nf4"])
+def test_attaching_lora_to_a_packed_base_dequantizes_nothing(base, monkeypatch):
+    """peft places adapters by reading the base's `weight`; on a packed layer that would dequantize every matrix."""
+    model = get_step(base).apply(tiny().model, get_step(base).config(), None)
+    packed = type(model.model.layers[0].mlp.down_proj)
+    calls = []
+    real = packed.dequantized_weight
+    monkeypatch.setattr(packed, "dequantized_weight", lambda self: calls.append(1) or real(self))
+    pm = attach(model, config("lora"))
+    assert calls == []
+    adapters = [p for n, p in pm.named_parameters() if "lora_" in n]
+    assert len(adapters) == 28 and all(p.dtype == torch.float32 and p.requires_grad for p in adapters)
+    pm(ids(1, 8)).logits.sum().backward()  # and the layer still computes its weight where training needs it
+    assert calls
+
+
 # ---- distillation ---------------------------------------------------------------------------
 def test_kl_matches_a_reference_loop():
     torch.manual_seed(0)

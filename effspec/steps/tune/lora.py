@@ -35,6 +35,7 @@ import fnmatch
 import logging
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -140,10 +141,26 @@ def peft_config(model: nn.Module, cfg: AdapterConfig):
     config = peft.LoraConfig(task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                              use_rslora=cfg.rslora, use_dora=cfg.method == "dora", target_modules=targets)
     if packed:
-        from peft.tuners.lora.layer import Linear as PeftLoraLinear
-
-        config._register_custom_module({t: PeftLoraLinear for t in packed})
+        config._register_custom_module({t: _packed_base_lora() for t in packed})
     return config
+
+
+@lru_cache(maxsize=1)
+def _packed_base_lora() -> type:
+    """peft's LoRA `Linear`, told a packed or sparse base's device and dtype without computing its weight.
+
+    peft places each adapter by reading its base's `weight`; a packed layer's `weight` dequantizes the whole
+    matrix (a 2048 x 8192 projection: 67 MB in float32), once per layer and before the training loop's block
+    cache is on, so glibc's heap kept those pages: QLoRA over smollm2-1.7b's shape then peaked 3.5 GB above
+    its loaded size where LoRA rose 1.1 GB. The adapter is float32, as that `weight` is."""
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    class PackedBaseLoraLinear(PeftLoraLinear):
+        def _get_base_layer_device_and_dtype(self, base_layer):
+            stored = next(iter(base_layer.state_dict(keep_vars=True).values()), None)
+            return (None if stored is None else stored.device), torch.float32
+
+    return PackedBaseLoraLinear
 
 
 def attach(model: nn.Module, cfg: AdapterConfig):
