@@ -189,6 +189,18 @@ def test_attaching_lora_to_a_packed_base_dequantizes_nothing(base, monkeypatch):
     assert calls
 
 
+def test_adapters_attach_inside_the_block_cache(monkeypatch):
+    """DoRA's initial weight norms make weight-size temporaries; outside the cache glibc kept their holes."""
+    from effspec import block_cache
+    from effspec.steps.tune import lora
+
+    depth = []
+    real = lora.attach
+    monkeypatch.setattr(lora, "attach", lambda model, cfg: depth.append(block_cache._depth) or real(model, cfg))
+    lora.train_adapter(tiny().model, config("lora", method="dora", steps=1), ids())
+    assert depth == [1]
+
+
 # ---- distillation ---------------------------------------------------------------------------
 def test_kl_matches_a_reference_loop():
     torch.manual_seed(0)
