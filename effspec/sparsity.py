@@ -185,6 +185,10 @@ class SparseLinear(nn.Module):
             self._dense = self.dense_weight()
         return self._dense
 
+    def drop_expanded(self) -> None:
+        """Forget the dense copy until the next forward needs it (calibration runs each block's passes once)."""
+        self._dense = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.expanded().to(x.dtype), bias)
