@@ -151,9 +151,9 @@ def _packed_base_lora() -> type:
     """peft's LoRA `Linear`, told a packed or sparse base's device and dtype without computing its weight.
 
     peft places each adapter by reading its base's `weight`; a packed layer's `weight` dequantizes the whole
-    matrix (a 2048 x 8192 projection: 67 MB in float32), once per layer and before the training loop's block
-    cache is on, so glibc's heap kept those pages: QLoRA over smollm2-1.7b's shape then peaked 3.5 GB above
-    its loaded size where LoRA rose 1.1 GB. The adapter is float32, as that `weight` is."""
+    matrix (a 2048 x 8192 projection: 67 MB in float32), once per layer, only to learn a device. Before this, and
+    before attaching ran inside the block cache, glibc's heap kept those pages: QLoRA over smollm2-1.7b's shape
+    peaked 3.5 GB above its loaded size where LoRA rose 1.1 GB. The adapter is float32, as that `weight` is."""
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
     class PackedBaseLoraLinear(PeftLoraLinear):
