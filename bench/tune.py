@@ -85,7 +85,7 @@ within a run, not seconds across runs.
         --eval-every 1 --out bench/results/tune-smoke.json # a smoke run, ~5 min
     python bench/tune.py                                   # the issue's settings (over an hour)
     python bench/tune.py --parts memory --shape smollm2-1.7b --settings lora,qlora-nf4,qlora-rtn-w4g64,peer-lora \
-        --steps 3 --batch-size 1 --out bench/results/tune-1.7b.json  # QLoRA where the weights dominate, ~6 min
+        --steps 3 --batch-size 1 --out bench/results/tune-1.7b.json  # QLoRA where the weights dominate, ~9 min
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     m.add_argument("--shape", choices=list(SHAPES), default=MODEL,
                    help=f"model of the memory part (default {MODEL}, the real one); the others are random weights in "
                         "a larger published shape (memory and time only: losses are meaningless; full fine-tuning "
-                        "of smollm2-1.7b needs ~35 GB)")
+                        "of smollm2-1.7b holds 16 bytes a parameter in weights, gradients and AdamW state, 27 GB)")
     m.add_argument("--peer-schedule", choices=("same", "own"), default="same",
                    help="peer lr schedule: effspec's factor (same) or transformers' cosine with warmup_steps (own)")
     m.add_argument("--loss-tol", type=float, default=0.05,
@@ -401,7 +401,7 @@ def memory_effspec(spec: dict, tokens: dict, out: dict) -> None:
     from effspec.registry import get_step
 
     t0 = time.perf_counter()
-    if spec.get("shape", MODEL) == MODEL:
+    if spec["shape"] == MODEL:
         loaded = load_model(MODEL)
         model, tokenizer = loaded.model, loaded.tokenizer
     else:
@@ -473,7 +473,7 @@ def memory_peer(spec: dict, tokens: dict, out: dict) -> None:
 
     t = spec["train_cfg"]
     t0 = time.perf_counter()
-    if spec.get("shape", MODEL) == MODEL:
+    if spec["shape"] == MODEL:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir()), dtype=torch.float32)
     else:
         model = random_model(spec["shape"], spec["seed"])[0]
