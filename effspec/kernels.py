@@ -475,68 +475,134 @@ torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
   return o;
 }
 
-// y = x W^T (+ b) for a few rows of x (M <= 8; a speculative verify step): each weight row is read once
-// and meets all M rows in registers. BLAS's small-M GEMM packs W per call and runs 2-3x slower than its
+// y = x W^T (+ b) for a few rows of x (M <= 8; a decode step or a speculative verify): each weight row is read
+// once and meets all M rows in registers. BLAS's small-M GEMM packs W per call and runs 2-3x slower than its
 // one-row GEMV here (1536x576: 1050 us at M = 5 against 380 us at M = 1).
 //
-// J weight rows at a time (a tile): every load of x then feeds J FMAs instead of one. At M >= 3 the loads
-// of x, not the FMAs, were the limit (one load per FMA). Reading J rows at once splits W's one sequential
-// stream into J short ones, which the hardware prefetcher follows badly (J = 2 at M = 1 ran 2x slower), so
-// the tile prefetches the next tile's bytes at the rate it reads its own: W is still fetched in order.
-// Measured (49152x576, 1 thread, standalone, beside another job): M = 8 14 ms against 20-24 ms with J = 1.
-template <int M, int J>
-static inline void rows_tile(const float* X, const float* W, const float* B, float* Y, int64_t N, int64_t K,
-                             int64_t n, bool prefetch) {
+// One output's arithmetic is the same whatever M and the tiling, so a verify row equals its token's decode step
+// bitwise: 16-column chunks of w * x accumulate lane-wise in two 8-lane halves (one 512-bit register, or two
+// 256-bit ones), then hsum(lo + hi), then the columns past the last whole chunk one by one, then the bias.
+//
+// At M = 1 the one sequential stream of W is bound by memory and the hardware prefetcher keeps up. At M >= 2 the
+// FMAs per byte leave it behind and the multiply stalls on DRAM as often as it computes, so the time was the sum of
+// the two (head 49152x576, 1 thread: M = 4 9.3 ms, M = 8 12.6 ms, against 5.2 ms at M = 1). Prefetching the weight
+// rows ~48 KB ahead into L2 overlaps them: 4.9 and 7.2 ms. x's rows stay in L1 while M * K floats fit in ~24 KB;
+// past that (down_proj's K = 1536 at M >= 5) three weight rows share each load of x. A whole smollm2-135m step at a
+// 1,100-token context, 1 thread: 4 rows 54 -> 37 ms, 8 rows 76 -> 52 ms, one row 29 ms either way.
+__attribute__((noinline, optimize("no-fast-math")))
+static float finish_row(float s, const float* w, const float* x, int64_t k, int64_t K, const float* b) {
+  for (; k < K; ++k) s += w[k] * x[k];
+  return b ? s + *b : s;
+}
+
+// Weight rows n .. n+J-1 against the R rows of X, lanes in two 256-bit halves; `ahead`: the weight bytes to
+// prefetch while this tile runs.
+template <int R, int J>
+static inline void rows_block(const float* X, const float* W, const float* B, float* Y, int64_t N, int64_t K,
+                              int64_t n, const float* ahead) {
   const float* w = W + n * K;
-  float acc[J][M];
+  float acc[J][R];
   int64_t k = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  __m256 a[J][M];
+  __m256 lo[J][R], hi[J][R];
 #pragma GCC unroll 16
   for (int j = 0; j < J; ++j)
 #pragma GCC unroll 16
-    for (int r = 0; r < M; ++r) a[j][r] = _mm256_setzero_ps();
-  for (; k + 8 <= K; k += 8) {
-    if (J > 1 && prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + J * K + J * k), _MM_HINT_T0);
-    __m256 wv[J];
+    for (int r = 0; r < R; ++r) lo[j][r] = hi[j][r] = _mm256_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    if (ahead)
 #pragma GCC unroll 16
-    for (int j = 0; j < J; ++j) wv[j] = _mm256_loadu_ps(w + j * K + k);
+      for (int j = 0; j < J; ++j) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * K + k), _MM_HINT_T1);
 #pragma GCC unroll 16
-    for (int r = 0; r < M; ++r) {
-      const __m256 xv = _mm256_loadu_ps(X + r * K + k);
+    for (int j = 0; j < J; ++j) {
+      const __m256 w0 = _mm256_loadu_ps(w + j * K + k), w1 = _mm256_loadu_ps(w + j * K + k + 8);
 #pragma GCC unroll 16
-      for (int j = 0; j < J; ++j) a[j][r] = _mm256_fmadd_ps(wv[j], xv, a[j][r]);
+      for (int r = 0; r < R; ++r) {
+        lo[j][r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + r * K + k), lo[j][r]);
+        hi[j][r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(X + r * K + k + 8), hi[j][r]);
+      }
     }
   }
   for (int j = 0; j < J; ++j)
-    for (int r = 0; r < M; ++r) acc[j][r] = hsum(a[j][r]);
+    for (int r = 0; r < R; ++r) acc[j][r] = hsum(_mm256_add_ps(lo[j][r], hi[j][r]));
 #else
   for (int j = 0; j < J; ++j)
-    for (int r = 0; r < M; ++r) acc[j][r] = 0.f;
+    for (int r = 0; r < R; ++r) acc[j][r] = 0.f;
 #endif
   for (int j = 0; j < J; ++j)
-    for (int r = 0; r < M; ++r) {
-      float s = acc[j][r];
-      for (int64_t i = k; i < K; ++i) s += w[j * K + i] * X[r * K + i];
-      Y[r * N + n + j] = s + (B ? B[n + j] : 0.f);
-    }
+    for (int r = 0; r < R; ++r)
+      Y[r * N + n + j] = finish_row(acc[j][r], w + j * K, X + r * K, k, K, B ? B + n + j : nullptr);
 }
 
-// Two weight rows per tile from three rows of x on: 2M accumulators + 3 registers fit AVX2's 16 vector
-// registers up to M = 6 and AVX-512VL's 32 up to M = 8. At M = 1, 2 one stream of W is faster (the rows are
-// bound by memory there, not by loads of x).
+#if defined(__AVX512F__)
+// The same arithmetic with the halves as one 512-bit register: half the instructions, and room for 8 rows x 3
+// weight rows of accumulators in AVX-512's 32 registers. (At M <= 2 the 256-bit form, without prefetches, streamed W
+// as fast or faster.)
+template <int R, int J>
+static inline void rows_block512(const float* X, const float* W, const float* B, float* Y, int64_t N, int64_t K,
+                                 int64_t n, const float* ahead) {
+  const float* w = W + n * K;
+  __m512 a[J][R];
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j)
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) a[j][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    if (ahead)
+#pragma GCC unroll 16
+      for (int j = 0; j < J; ++j) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * K + k), _MM_HINT_T1);
+    __m512 wv[J];
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) wv[j] = _mm512_loadu_ps(w + j * K + k);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_loadu_ps(X + r * K + k);
+#pragma GCC unroll 16
+      for (int j = 0; j < J; ++j) a[j][r] = _mm512_fmadd_ps(wv[j], xv, a[j][r]);
+    }
+  }
+  for (int j = 0; j < J; ++j)
+    for (int r = 0; r < R; ++r) {
+      const __m256 lo = _mm512_castps512_ps256(a[j][r]);
+      const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[j][r]), 1));
+      Y[r * N + n + j] = finish_row(hsum(_mm256_add_ps(lo, hi)), w + j * K, X + r * K, k, K, B ? B + n + j : nullptr);
+    }
+}
+#endif
+
+// The M rows in register-sized groups: all M at once with AVX-512's 32 registers, at most 4 at a time with AVX2's
+// 16 (a weight tile's later groups read it from L1).
+template <int M, int J>
+static inline void rows_tile(const float* X, const float* W, const float* B, float* Y, int64_t N, int64_t K,
+                             int64_t n, const float* ahead) {
+#if defined(__AVX512F__)
+  if constexpr (M > 2) {
+    rows_block512<M, J>(X, W, B, Y, N, K, n, ahead);
+    return;
+  }
+#endif
+  constexpr int R = M < 4 ? M : 4;
+  rows_block<R, J>(X, W, B, Y, N, K, n, ahead);
+  if constexpr (M > 4) rows_block<M - 4, J>(X + 4 * K, W, B, Y + 4 * N, N, K, n, nullptr);
+}
+
+template <int M, int J>
+static void rows_pass(const float* X, const float* W, const float* B, float* Y, int64_t N, int64_t K) {
+  const int64_t tiles = N / J;
+  // prefetch distance in tiles: ~48 KB of W; none at M <= 2, where the hardware prefetcher kept up
+  const int64_t dist = M <= 2 ? 0 : std::max<int64_t>(1, (48 * 1024 / 4 + J * K - 1) / (J * K));
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      rows_tile<M, J>(X, W, B, Y, N, K, t * J, dist && t + dist < t1 ? W + (t + dist) * J * K : nullptr);
+  });
+  for (int64_t n = tiles * J; n < N; ++n) rows_tile<M, 1>(X, W, B, Y, N, K, n, nullptr);
+}
+
 template <int M>
 static void rows_linear(const float* X, const float* W, const float* B, float* Y, int64_t N, int64_t K) {
-#if defined(__AVX512VL__)
-  constexpr int J = M >= 3 ? 2 : 1;
-#else
-  constexpr int J = M >= 3 && M <= 6 ? 2 : 1;
-#endif
-  const int64_t tiles = N / J;
-  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) rows_tile<M, J>(X, W, B, Y, N, K, t * J, t + 1 < t1);
-  });
-  for (int64_t n = tiles * J; n < N; ++n) rows_tile<M, 1>(X, W, B, Y, N, K, n, false);
+  if (M * K * 4 <= 24 * 1024) rows_pass<M, 1>(X, W, B, Y, N, K);
+  else rows_pass<M, 3>(X, W, B, Y, N, K);
 }
 
 torch::Tensor linear_rows(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
@@ -652,7 +718,7 @@ EMPTY = torch.empty(0)  # "no bias"
 
 @lru_cache(maxsize=1)
 def _module():
-    return compile_inline("effspec_lowbit_v17", _DECLS, _SOURCE,
+    return compile_inline("effspec_lowbit_v18", _DECLS, _SOURCE,
                           ["lowbit_linear", "rms_norm", "silu_mul", "rope_attend", "linear_rows", "w8a8_rows"],
                           "low-bit C++ kernels", "EFFSPEC_CPP_KERNELS",
                           cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], ldflags=["-fopenmp"])

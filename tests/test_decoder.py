@@ -204,6 +204,20 @@ def test_linear_rows_matches_f_linear_for_every_row_count():
         assert torch.allclose(ops.linear_rows(x, W, kernels.EMPTY), x @ W.t(), atol=1e-5), M
 
 
+@pytest.mark.parametrize("N,K", [(41, 37), (50, 1552), (7, 576)])
+def test_linear_rows_give_each_row_bitwise_its_one_row_result(N, K):
+    """A verify step's rows must equal its tokens' decode steps bitwise, whatever the row count and tiling (one or
+    three weight rows at a time, 256- or 512-bit accumulators, prefetching or not)."""
+    ops = kernels.decode_ops()
+    if ops is None:
+        pytest.skip("no C++ compiler here")
+    g = torch.Generator().manual_seed(6)
+    W, b, x = torch.randn(N, K, generator=g), torch.randn(N, generator=g), torch.randn(8, K, generator=g)
+    alone = torch.cat([ops.linear_rows(x[i:i + 1].contiguous(), W, b) for i in range(8)])
+    for M in range(1, 9):
+        assert torch.equal(ops.linear_rows(x[:M].contiguous(), W, b), alone[:M]), M
+
+
 @pytest.mark.parametrize("d,H,KV", [(8, 9, 3), (64, 8, 2)])
 def test_rope_attend_tree_rows_equal_decode_steps_after_their_ancestors(d, H, KV):
     """Tree rows (`see` bitmasks): each row's output is the one-token step of its token after the prefix and its
