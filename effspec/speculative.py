@@ -57,32 +57,29 @@ argmax, and the kept path's keys and values move to the front of the cache
 
 Verify steps of up to 8 tokens run on the decoder's compiled path (float
 linears through `linear_rows`, attention through `rope_attend`, as single
-decode steps do). The gain is bounded by the verify cost. Profiled at a
-~1,100-token context on this machine (AMD EPYC, AVX2 only, 1 thread, runs vary
-by 20%): one row of smollm2-135m float32 takes 55-60 ms (41-43 ms linears, 7 ms
-attention), five rows 69-92 ms (45-54 ms linears, 16-24 ms attention): each
-further row costs c = 0.06-0.13 of a step, half of it or more attention.
-`bench/decode.py --sets grounded --methods es-plain,es-lookup --runs 3`, 3
-input-grounded prompts of ~1,100 tokens, 128 new tokens each, 47% of proposals
-accepted, output identical 3/3: 1 thread, plain 16.57 tok/s, lookup 26.10
-(1.58x; 2.06x and 2.04x on two prompts, 1.07x on the summary that copies
-little); 2 threads 23.30 and 37.80 (1.62x; 1.68x in a second run). Before
-`rope_attend` read each key/value row once for all the queries that share it
-(and split them across threads), the same runs gave 15.75 and 23.97 (1.52x) at
-1 thread, 17.95 and 26.54 (1.48x) at 2. Replaying those greedy outputs offline
-with a verify step costing 1 + c per extra row, this schedule would give 2.28x
-if extra rows were free, 1.99x at c = 0.05 and 1.78x at c = 0.1; an oracle that
-proposes exactly the right prefix of each lookup match gives 1.97x at c = 0.25.
-So 2x needs near-free verify rows and better proposals both. The proposals are
-the harder half. `bench/lookup_replay.py` replays the outputs of a later run
-(verify 41 ms for 1 row, 60 for 4, 82 for 8 at that context) against a copy
-oracle: the longest span anywhere in the text so far that continues the output,
-up to 12 tokens. The oracle accepts 303 of 381 tokens in 81 rounds (2.65x at
-those costs); lookup accepts 190 in 193 (1.51x). Other ways of choosing the
-occurrence gave 1.45-1.49x: the earliest, the most frequent follower, the
-prompt's own first, the longest matching suffix up to 16 tokens. Two or three
-candidates as a tree gave 1.49-1.50x. Of the 160 positions where lookup's first
-token is wrong or missing, the argmax key of the target's most copy-like
+decode steps do). The gain is bounded by the verify cost. At a ~1,100-token
+context on this machine (AMD EPYC, Zen 4, 1 thread; `bench/lookup_replay.py`'s
+measured costs) a verify of 1 row takes 28.9 ms, 2 rows 32.6, 4 rows 38.2 and
+8 rows 52.4: each further row costs c ~ 0.1 of a step, about half of it
+attention over the cached keys and half the linears' multiplies, both near this
+core's float32 FMA rate at 8 rows. (Until `linear_rows` prefetched the weights
+ahead at 3+ rows, 4 rows took 54 ms and 8 rows 77: the multiplies stalled on
+DRAM.) `bench/decode.py --sets grounded --methods es-plain,es-lookup --runs 3`,
+3 input-grounded prompts of ~1,100 tokens, 128 new tokens each, 1 thread: plain
+34.45 tok/s, lookup 54.40 (1.58x: 2.11x on the rewrite, 1.93x on the list,
+1.11x on the summary that copies little), 47% of proposals accepted, output
+identical 3/3; the same bench before the prefetching gave 1.26x. Replayed
+offline at those costs, lookup gives 1.54x, and 1.97x if extra rows were free:
+2x needs better proposals, not only cheaper rows. A copy oracle (the longest
+span anywhere in the text so far that continues the output, up to 12 tokens)
+accepts 303 of 381 tokens in 81 rounds, 2.44x at those costs, where lookup
+accepts 190 in 193. Other ways of choosing the occurrence (the earliest, the
+most frequent follower, the prompt's own first, the longest matching suffix up
+to 16 tokens) and two or three candidates as a tree replayed at 1.48-1.55x;
+with at most 7 proposals (8 rows), lookup's 1.57x against n-gram orders from
+2..1 to 5..2 at 1.47-1.57x and other draft-length schedules (fixed 1-7, +2/-1,
+reset or halve on a rejection) at 1.32-1.55x. Of the 160 positions where
+lookup's first token is wrong or missing, the argmax key of the target's most copy-like
 attention heads (layer 18, heads 6 and 7) points to the right one at 14-15:
 the copies begin where no n-gram of the output points to them.
 

@@ -159,17 +159,20 @@ def test_rope_attend_matches_a_reference_with_grouped_heads():
     assert math.isfinite(float(o.sum()))
 
 
+@pytest.mark.parametrize("start", [21, 28])
 @pytest.mark.parametrize("d", [8, 64, 128])
 @pytest.mark.parametrize("H,KV", [(9, 3), (8, 2)])
-def test_rope_attend_rows_of_a_verify_step_equal_their_own_decode_steps(d, H, KV):
+def test_rope_attend_rows_of_a_verify_step_equal_their_own_decode_steps(d, H, KV, start):
     """T new tokens in one call give, row for row, bitwise the outputs of T one-token calls, and match softmax
     attention computed in torch. The vectorized path takes a key/value head's T * H / KV queries 3 at a time:
-    with 4 queries per head (8, 2) a query lands in a pass of 1, 2 or 3 depending on T."""
+    with 4 queries per head (8, 2) a query lands in a pass of 1, 2 or 3 depending on T. The 512-bit path scores
+    keys 16 at a time: from start 28 a verify's last block is whole where its first row's decode step ends
+    in a partial one."""
     ops = kernels.decode_ops()
     if ops is None:
         pytest.skip("no C++ compiler here")
     g = torch.Generator().manual_seed(5)
-    L, start = 40, 21
+    L = 40
     theta = torch.rand(L, d // 2, generator=g) * 3
     cos, sin = torch.cat([theta.cos()] * 2, -1), torch.cat([theta.sin()] * 2, -1)
     kc, vc = torch.randn(KV, L, d, generator=g), torch.randn(KV, L, d, generator=g)
