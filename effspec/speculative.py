@@ -227,10 +227,11 @@ class Branches:
 
     Drafts that are right in different places combine without a rule for choosing between them: prompt
     lookup copies text that recurs, EAGLE's head predicts fresh text. `budget` caps the proposals a round:
-    verify rows stop being cheap past six here (smollm2-135m, 150-token context, 1 thread: 1 row 38 ms, 2-6
-    rows 45-51 ms, 7-8 rows 60-64 ms, the few-row linears' tiling changing at 7). Measured on the bench's six
-    open prompts (README, "Speculative decoding"): lookup + the 1,000-step EAGLE head 1.31x plain greedy,
-    the head alone 1.14x in the same run."""
+    verify rows stop being cheap past six here (smollm2-135m, 150-token context, 1 thread: 1 row 25.0 ms,
+    2 rows 26.7, 4 rows 29.4, 6 rows 31.3, 7 rows 34.9, 8 rows 38.1). On the bench's open set with a 500-step
+    EAGLE head, budgets 5 and 7 in alternating runs gave 1.28x and 1.28x against 1.27x and 1.25x plain
+    greedy. Measured on the bench's six open prompts (README, "Speculative decoding"): lookup + the
+    1,000-step EAGLE head 1.31x plain greedy, the head alone 1.14x in the same run."""
 
     def __init__(self, drafts: list, budget: int = 5):
         if not drafts or budget < 1:
