@@ -88,6 +88,14 @@ def tree_layout(parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, visible
 
 
+def _plain_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weight, bias) of a plain float32 `nn.Linear`, as `linear_rows` takes them; None for any other layer."""
+    if type(module) is not nn.Linear or module.weight.dtype != torch.float32:
+        return None
+    bias = effspec_kernels.EMPTY if module.bias is None else module.bias.detach().float()
+    return module.weight.detach(), bias
+
+
 def _bitmasks(visible: torch.Tensor) -> torch.Tensor:
     """Each row of a (T, T) bool matrix as an int64 whose bit r is column r (the compiled kernel's form)."""
     return (visible.to(torch.long) << torch.arange(visible.shape[1])).sum(1)
@@ -155,10 +163,7 @@ class LeanDecoder:
         layer's two thin factors one after the other."""
         if x.shape[0] <= STEP_ROWS and self.ops is not None:
             if module not in self._plain:
-                plain = type(module) is nn.Linear and module.weight.dtype == torch.float32
-                bias = None if not plain or module.bias is None else module.bias.detach().float()
-                self._plain[module] = (module.weight.detach(), effspec_kernels.EMPTY if bias is None else bias) \
-                    if plain else None
+                self._plain[module] = _plain_weights(module)
             plain = self._plain[module]
             if plain is not None and x.dtype == torch.float32:
                 return self.ops.linear_rows(x.contiguous(), *plain)

@@ -325,6 +325,15 @@ __attribute__((noinline)) static void softmax_row(float* p, int64_t n) {
   for (int64_t j = 0; j < n; ++j) p[j] *= r;
 }
 
+// One query's scores p[0..n) into its weights: the keys its tree bitmask hides out, softmax over keys 0..last, and
+// keys after last weighing 0.
+static void weigh(float* p, int64_t start, int64_t last, int64_t see, int64_t n) {
+  if (see != -1) hide(p, start, last, see, -1e30f);
+  softmax_row(p, last + 1);
+  if (see != -1) hide(p, start, last, see, 0.f);
+  std::fill(p + last + 1, p + n, 0.f);
+}
+
 // One key/value head against NQ (<= 3) of its queries -- query heads of the group, at one or more new
 // positions: each key row and value row is read once for all of them instead of once per query. Scores:
 // per key, each query's dot product in two interleaved FMA chains (one chain was bound by FMA latency;
@@ -356,12 +365,7 @@ static void attend_group(const float* const* qs, const float* K, const float* V,
       P[c * stride + j] = _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x))) * scale;
     }
   }
-  for (int c = 0; c < NQ; ++c) {
-    if (see[c] != -1) hide(P + c * stride, start, last[c], see[c], -1e30f);
-    softmax_row(P + c * stride, last[c] + 1);
-    if (see[c] != -1) hide(P + c * stride, start, last[c], see[c], 0.f);
-    std::fill(P + c * stride + last[c] + 1, P + c * stride + n, 0.f);
-  }
+  for (int c = 0; c < NQ; ++c) weigh(P + c * stride, start, last[c], see[c], n);
   for (int64_t j0 = 0; j0 < n; j0 += 64) {
     const int64_t j1 = std::min<int64_t>(n, j0 + 64);
     for (int64_t i = 0; i < d; i += 16) {
@@ -429,12 +433,7 @@ static void attend_group512(const float* const* qs, const float* K, const float*
       _mm512_store_ps(P + c * stride + j0, _mm512_mul_ps(sum16(a), sc));
     }
   }
-  for (int c = 0; c < NQ; ++c) {
-    if (see[c] != -1) hide(P + c * stride, start, last[c], see[c], -1e30f);
-    softmax_row(P + c * stride, last[c] + 1);
-    if (see[c] != -1) hide(P + c * stride, start, last[c], see[c], 0.f);
-    std::fill(P + c * stride + last[c] + 1, P + c * stride + n, 0.f);
-  }
+  for (int c = 0; c < NQ; ++c) weigh(P + c * stride, start, last[c], see[c], n);
   for (int64_t i0 = 0; i0 < d; i0 += 64) {
     __m512 o[NQ][4];
 #pragma GCC unroll 4
@@ -492,9 +491,7 @@ static void attend_one(const float* q, const float* K, const float* V, int64_t n
     for (int64_t i = 0; i < d; ++i) s += q[i] * K[j * d + i];
     p[j] = s * scale;
   }
-  if (see != -1) hide(p, start, n - 1, see, -1e30f);
-  softmax_row(p, n);
-  if (see != -1) hide(p, start, n - 1, see, 0.f);
+  weigh(p, start, n - 1, see, n);
   for (int64_t j = 0; j < n; ++j)
     for (int64_t i = 0; i < d; ++i) out[i] += p[j] * V[j * d + i];
 }
@@ -817,7 +814,7 @@ EMPTY = torch.empty(0)  # "no bias"
 
 @lru_cache(maxsize=1)
 def _module():
-    return compile_inline("effspec_lowbit_v20", _DECLS, _SOURCE,
+    return compile_inline("effspec_lowbit_v21", _DECLS, _SOURCE,
                           ["lowbit_linear", "rms_norm", "silu_mul", "rope_attend", "linear_rows", "w8a8_rows"],
                           "low-bit C++ kernels", "EFFSPEC_CPP_KERNELS",
                           cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], ldflags=["-fopenmp"])
