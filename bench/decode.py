@@ -399,9 +399,9 @@ def draft_vocabulary(args, tokenizer):
 
 def effspec_methods(model, eos: int, args, drafts: dict, vocab=None) -> list[Method]:
     from effspec.generate import greedy
-    from effspec.speculative import DraftDecoder, PromptLookup, speculative_greedy
+    from effspec.speculative import K_MAX, DraftDecoder, PromptLookup, speculative_greedy
 
-    k_max = 12  # speculative_greedy's default, for the draft cache's size
+    k_max = K_MAX  # speculative_greedy's default, for the draft cache's size
     new = args.new_tokens
 
     def plain(ids):
@@ -703,10 +703,12 @@ def main(argv: list[str] | None = None) -> int:
         if note:
             notes.append(note)
 
+    from effspec.speculative import K_MAX
+
     env = environment()
     record = {"benchmark": "decode", "model": MODEL, "data": str(args.data),
               "protocol": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "effspec_speculative": {"k": 4, "adaptive": True, "k_max": 12, "prompt_lookup_ngrams": [3, 1]},
+              "effspec_speculative": {"k": 4, "adaptive": True, "k_max": K_MAX, "prompt_lookup_ngrams": [3, 1]},
               "drop_layers": drop_info, "env": env, "notes": notes, "total_seconds": time.perf_counter() - t_start,
               "rows": rows + kv_rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -746,10 +748,12 @@ def report(args, rows, kv_rows, notes, draft_names, drop_info, env, omp, eos_tex
 def header(args, drop_info, env, omp, eos_text) -> None:
     import torch
 
+    from effspec.speculative import K_MAX
+
     print(f"effspec speculative decoding benchmark: {MODEL} float32, greedy, batch 1, up to {args.new_tokens} new "
           f"tokens (stop at {eos_text}), {args.prompts} prompt(s) per set; median of {args.runs} run(s) after "
           f"a warm-up; threads: torch {torch.get_num_threads()}, OMP_NUM_THREADS={omp}; cpu: {env['cpu']}\n"
-          f"effspec {env['effspec']} (speculative_greedy k 4 adaptive to 12) vs transformers {env['transformers']} "
+          f"effspec {env['effspec']} (speculative_greedy k 4 adaptive to {K_MAX}) vs transformers {env['transformers']} "
           f"generate (prompt lookup {args.lookup_tokens} tokens; assistants at its defaults); torch {env['torch']}")
     if drop_info:
         print(f"drop-layers draft: removed blocks {drop_info['removed_blocks']} (block influence on "

@@ -48,7 +48,7 @@ import torch  # noqa: E402
 
 import decode  # noqa: E402  (decode.py's prompt sets: the replay must see the same prompts)
 from effspec.models import load_model  # noqa: E402
-from effspec.speculative import PromptLookup, _depth, _verify, accepted_path, adapt, merge_trees  # noqa: E402
+from effspec.speculative import K_MAX, PromptLookup, _depth, _verify, accepted_path, adapt, merge_trees  # noqa: E402
 
 
 def matches(tokens: list[int], n: int) -> list[int]:
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=Path, required=True, help="a bench/decode.py JSON with es-plain rows")
     p.add_argument("--set", default="grounded", help="the prompt set to replay (default grounded)")
     p.add_argument("--data", type=Path, default=None, help="WikiText-2 raw directory (default: the rows' own)")
-    p.add_argument("--k-max", type=int, default=12, help="adaptive draft length at most (default 12, as decode.py)")
+    p.add_argument("--k-max", type=int, default=K_MAX, help=f"adaptive draft length at most (default {K_MAX}, as decode.py)")
     p.add_argument("--costs", default=None, help="verify ms per row count, e.g. 1:41,2:48,4:60 (default: measured)")
     p.add_argument("--threads", type=int, default=1, help="threads for measured costs (default 1)")
     p.add_argument("--heads", action="store_true", help="also test attention-argmax pointers as drafts")

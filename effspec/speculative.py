@@ -85,7 +85,11 @@ the copies begin where no n-gram of the output points to them.
 
 The draft length adapts to the running acceptance (`adaptive`): +1 after a
 fully accepted round, -1 after a rejection, within [1, k_max] -- the
-heuristic schedule transformers' assisted generation also uses.
+heuristic schedule transformers' assisted generation also uses. `k_max`
+defaults to 7, so a verify (the last kept token + the proposals) stays within
+the decoder's compiled rows: 9-13 rows go through BLAS and cost 110-125 ms
+at a 1,100-token context against 52 ms for 8. Replayed on six grounded
+prompts, lookup gave 1.78x with 7 against 1.67x with 12.
 """
 
 from __future__ import annotations
@@ -98,8 +102,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effspec.decoder import LeanDecoder
+from effspec.decoder import STEP_ROWS, LeanDecoder
 from effspec.generate import Decode, Generation, SamplingConfig, final_text, first_stop, probabilities
+
+
+K_MAX = STEP_ROWS - 1  # proposals a round at most: a verify of the last kept token and them stays compiled
 
 
 class PromptLookup:
@@ -282,7 +289,7 @@ class SpeculativeStats:
 
 @torch.inference_mode()
 def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, draft,
-                       k: int = 4, adaptive: bool = True, k_max: int = 12, eos_token_id: int | None = None,
+                       k: int = 4, adaptive: bool = True, k_max: int = K_MAX, eos_token_id: int | None = None,
                        on_token: Callable[[int], None] | None = None) -> tuple[Generation, SpeculativeStats]:
     """Greedy generation of `model` after `prompt` (1-D ids), `draft` proposing up to `k` tokens a round;
     `on_token(id)` is called with each kept token, a round's tokens at once."""
@@ -424,7 +431,7 @@ def _draft_sample(draft, tokens: list[int], k: int, config: SamplingConfig, gene
 
 @torch.inference_mode()
 def speculative_sampling(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, draft, config: SamplingConfig,
-                         k: int = 4, adaptive: bool = True, k_max: int = 12, eos_token_id: int | None = None,
+                         k: int = 4, adaptive: bool = True, k_max: int = K_MAX, eos_token_id: int | None = None,
                          decode: Decode | None = None,
                          on_token: Callable[[int], None] | None = None) -> tuple[Generation, SpeculativeStats]:
     """Sampled generation of `model` after `prompt` (1-D ids) as `config` says, `draft` proposing up to `k`
