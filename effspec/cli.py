@@ -432,14 +432,15 @@ def _draft_vocab(tokenizer, prompt, args):
 def _speculate(loaded, prompt, draft, config, args, decode, on_token):
     """Exact speculative greedy when plain greedy was asked for; speculative sampling otherwise (with stop
     strings too: at temperature 0 it makes the greedy choices)."""
-    from effspec.speculative import speculative_greedy, speculative_sampling
+    from effspec.speculative import K_MAX, speculative_greedy, speculative_sampling
 
     eos = loaded.tokenizer.eos_token_id
+    k_max = max(K_MAX, args.draft_tokens)  # a longer initial draft than the default cap is the user's to ask for
     if config.greedy and not config.stop:
         return speculative_greedy(loaded.model, prompt, args.max_new_tokens, draft, k=args.draft_tokens,
-                                  eos_token_id=eos, on_token=on_token)
+                                  k_max=k_max, eos_token_id=eos, on_token=on_token)
     return speculative_sampling(loaded.model, prompt, args.max_new_tokens, draft, config, k=args.draft_tokens,
-                                eos_token_id=eos, decode=decode, on_token=on_token)
+                                k_max=k_max, eos_token_id=eos, decode=decode, on_token=on_token)
 
 
 def cmd_long_ppl(args) -> None:
