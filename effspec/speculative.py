@@ -89,7 +89,9 @@ heuristic schedule transformers' assisted generation also uses. `k_max`
 defaults to 7, so a verify (the last kept token + the proposals) stays within
 the decoder's compiled rows: 9-13 rows go through BLAS and cost 110-125 ms
 at a 1,100-token context against 52 ms for 8. Replayed on six grounded
-prompts, lookup gave 1.78x with 7 against 1.67x with 12.
+prompts, lookup gave 1.78x with 7 against 1.67x with 12; measured with 7,
+`bench/decode.py --sets grounded --prompts 6` gave 1.81x (1.65x with 12) and
+the 3-prompt default 1.53x.
 """
 
 from __future__ import annotations
