@@ -706,14 +706,7 @@ torch::Tensor linear_rows(torch::Tensor x, torch::Tensor w, torch::Tensor bias) 
   switch (M) {
     case 1: rows_linear<1>(X, W, B, Y, N, K); break;
     case 2: rows_linear<2>(X, W, B, Y, N, K); break;
-    case 3: {  // as 4 rows, the 4th zero: 3 took longer than 4 here (smollm2's linears in order, 1 thread: 24.6 ms
-               // against 22.3); each row's arithmetic is its own, so the 3 outputs are the same
-      std::vector<float> x4(4 * K, 0.f), y4(4 * N);
-      std::copy(X, X + 3 * K, x4.begin());
-      rows_linear<4>(x4.data(), W, B, y4.data(), N, K);
-      std::copy(y4.begin(), y4.begin() + 3 * N, Y);
-      break;
-    }
+    case 3: rows_linear<3>(X, W, B, Y, N, K); break;
     case 4: rows_linear<4>(X, W, B, Y, N, K); break;
     case 5: rows_linear<5>(X, W, B, Y, N, K); break;
     case 6: rows_linear<6>(X, W, B, Y, N, K); break;
@@ -814,7 +807,7 @@ EMPTY = torch.empty(0)  # "no bias"
 
 @lru_cache(maxsize=1)
 def _module():
-    return compile_inline("effspec_lowbit_v21", _DECLS, _SOURCE,
+    return compile_inline("effspec_lowbit_v22", _DECLS, _SOURCE,
                           ["lowbit_linear", "rms_norm", "silu_mul", "rope_attend", "linear_rows", "w8a8_rows"],
                           "low-bit C++ kernels", "EFFSPEC_CPP_KERNELS",
                           cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], ldflags=["-fopenmp"])
