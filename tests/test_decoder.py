@@ -194,28 +194,30 @@ def test_rope_attend_rows_of_a_verify_step_equal_their_own_decode_steps(d, H, KV
         assert torch.allclose(together, ref, atol=1e-5), T
 
 
-def test_linear_rows_matches_f_linear_for_every_row_count():
+# (41, 37): K not a multiple of 16, the tail loop; N odd, rows outside the multi-row tiles. (50, 64): no tail.
+@pytest.mark.parametrize("N,K", [(41, 37), (50, 64)])
+def test_linear_rows_matches_f_linear_for_every_row_count(N, K):
     ops = kernels.decode_ops()
     if ops is None:
         pytest.skip("no C++ compiler here")
     g = torch.Generator().manual_seed(5)
-    # K not a multiple of 8: the tail loop; N odd: a row outside the two-row tiles
-    W, b = torch.randn(41, 37, generator=g), torch.randn(41, generator=g)
+    W, b = torch.randn(N, K, generator=g), torch.randn(N, generator=g)
     for M in range(1, 9):
-        x = torch.randn(M, 37, generator=g)
+        x = torch.randn(M, K, generator=g)
         assert torch.allclose(ops.linear_rows(x, W, b), torch.nn.functional.linear(x, W, b), atol=1e-5), M
         assert torch.allclose(ops.linear_rows(x, W, kernels.EMPTY), x @ W.t(), atol=1e-5), M
 
 
-@pytest.mark.parametrize("N,K", [(41, 37), (50, 1552), (7, 576)])
-def test_linear_rows_give_each_row_bitwise_its_one_row_result(N, K):
-    """A verify step's rows must equal its tokens' decode steps bitwise, whatever the row count and tiling (one or
-    three weight rows at a time, 256- or 512-bit accumulators, prefetching or not)."""
+@pytest.mark.parametrize("N,K,bias", [(41, 37, True), (50, 1552, True), (7, 576, True), (50, 576, False)])
+def test_linear_rows_give_each_row_bitwise_its_one_row_result(N, K, bias):
+    """A verify step's rows must equal its tokens' decode steps bitwise, whatever the row count and tiling (one to
+    six weight rows at a time, 256- or 512-bit accumulators, prefetching or not, a tail and bias or neither)."""
     ops = kernels.decode_ops()
     if ops is None:
         pytest.skip("no C++ compiler here")
     g = torch.Generator().manual_seed(6)
-    W, b, x = torch.randn(N, K, generator=g), torch.randn(N, generator=g), torch.randn(8, K, generator=g)
+    W, x = torch.randn(N, K, generator=g), torch.randn(8, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else kernels.EMPTY
     alone = torch.cat([ops.linear_rows(x[i:i + 1].contiguous(), W, b) for i in range(8)])
     for M in range(1, 9):
         assert torch.equal(ops.linear_rows(x[:M].contiguous(), W, b), alone[:M]), M
