@@ -66,10 +66,10 @@ core's float32 FMA rate at 8 rows. (Until `linear_rows` prefetched the weights
 ahead at 3+ rows, 4 rows took 54 ms and 8 rows 77: the multiplies stalled on
 DRAM.) `bench/decode.py --sets grounded --methods es-plain,es-lookup --runs 3`,
 3 input-grounded prompts of ~1,100 tokens, 128 new tokens each, 1 thread: plain
-34.45 tok/s, lookup 54.40 (1.58x: 2.11x on the rewrite, 1.93x on the list,
-1.11x on the summary that copies little), 47% of proposals accepted, output
-identical 3/3; the same bench before the prefetching gave 1.26x. Replayed
-offline at those costs, lookup gives 1.54x, and 1.97x if extra rows were free:
+40.28 tok/s, lookup 61.61 (1.53x: 2.05x on the rewrite, 1.95x on the list,
+1.03x on the summary that copies little), 46% of proposals accepted, output
+identical 3/3 (`--prompts 6`: 1.75x); the same bench before the prefetching
+gave 1.26x. Replayed offline at those costs, lookup gives 1.54x, and 1.97x if extra rows were free:
 2x needs better proposals, not only cheaper rows. A copy oracle (the longest
 span anywhere in the text so far that continues the output, up to 12 tokens)
 accepts 303 of 381 tokens in 81 rounds, 2.44x at those costs, where lookup
