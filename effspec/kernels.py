@@ -584,8 +584,8 @@ static float finish_row(float s, const float* w, const float* x, int64_t k, int6
   return b ? s + *b : s;
 }
 
-// The call only where there is a tail or a bias (smollm2's K = 576 and 1536 leave none): one call per output
-// and row was ~5% of a 3-row verify's multiplies.
+// finish_row's call only where there is a tail or a bias (smollm2's K = 576 and 1536 leave neither), not once per
+// output and row.
 static inline float finish(float s, const float* w, const float* x, int64_t k, int64_t K, const float* B, int64_t n) {
   return k == K && !B ? s : finish_row(s, w, x, k, K, B ? B + n : nullptr);
 }

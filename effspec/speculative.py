@@ -69,8 +69,8 @@ DRAM.) `bench/decode.py --sets grounded --methods es-plain,es-lookup --runs 3`,
 40.28 tok/s, lookup 61.61 (1.53x: 2.05x on the rewrite, 1.95x on the list,
 1.03x on the summary that copies little), 46% of proposals accepted, output
 identical 3/3 (`--prompts 6`: 1.75x); the same bench before the prefetching
-gave 1.26x. Replayed offline at those costs, lookup gives 1.54x, and 1.97x if extra rows were free:
-2x needs better proposals, not only cheaper rows. A copy oracle (the longest
+gave 1.26x. Replayed offline at those costs, lookup gives 1.54x, and 1.97x if
+extra rows were free: 2x needs better proposals, not only cheaper rows. A copy oracle (the longest
 span anywhere in the text so far that continues the output, up to 12 tokens)
 accepts 303 of 381 tokens in 81 rounds, 2.44x at those costs, where lookup
 accepts 190 in 193. Other ways of choosing the occurrence (the earliest, the
