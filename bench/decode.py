@@ -36,10 +36,11 @@ Methods, each run on every prompt of each set (`--methods` picks families):
   README's `draft-4-distill` recipe). `es-eagle` an EAGLE head given by
   `--eagle` (`effspec train-draft`: one block that reads the target's own
   features; `effspec.eagle`), over the tokens it was trained with unless
-  `--draft-vocab` is given; `es-eagle-tree` the same head also offering its
-  2nd..`--eagle-width`-th likeliest first tokens, verified in the same pass as
-  tree rows (`EagleDraft.propose_tree`); `es-eagle-lookup` `PromptLookup()`
-  and the head as two branches of one verified tree (`Branches`, as
+  `--draft-vocab` is given, as a chain; `es-eagle-tree` the same head also
+  offering its 2nd..`--eagle-width`-th likeliest first tokens, verified in the
+  same pass as tree rows (`EagleDraft.propose_tree`; `effspec generate
+  --speculate eagle:DIR`, width 2); `es-eagle-lookup` `PromptLookup()` and that
+  head as two branches of one verified tree (`Branches`, as
   `effspec generate --speculate lookup --speculate eagle:DIR`);
   transformers' `assistant_model` cannot take a draft
   that reads the target's features, so it has no hf- row (a verdict against the
@@ -446,8 +447,9 @@ def effspec_methods(model, eos: int, args, drafts: dict, vocab=None) -> list[Met
         if "es-eagle-lookup" in args.methods:
             from effspec.speculative import Branches
 
-            out.append(Method("es-eagle-lookup", "effspec", "prompt lookup + " + shown + ", one tree",
-                              speculative(lambda L: Branches([PromptLookup(), EagleDraft(head, model, L, tokens)]))))
+            w = args.eagle_width
+            out.append(Method("es-eagle-lookup", "effspec", f"prompt lookup + {shown}, top-{w} first tokens, one tree",
+                              speculative(lambda L: Branches([PromptLookup(), EagleDraft(head, model, L, tokens, width=w)]))))
     return out
 
 

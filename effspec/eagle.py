@@ -37,8 +37,10 @@ output identical), where the target's first 4 blocks distilled for 200 steps gav
 rows plus the target's own greedy answers (`effspec train-draft --own-answers`) 55% and 1.25x (1.22x for the 500-step
 head in the same six-prompt run). `unroll=2` measured 1.21x against 1.20x at 300 steps, so it is off by default.
 With prompt lookup as a second branch of one verified tree (`effspec.speculative.Branches`) the 1,000-step head
-gave 1.30x (3 prompts) and 1.34x (6 prompts) where it alone gave 1.15x and 1.14x in the same runs; `width=2`
-measured 1.12x against the chain's 1.14x.
+gave 1.30x (3 prompts) and 1.34x (6 prompts) where it alone gave 1.15x and 1.14x in the same runs. `width=2`
+measured 1.12x against the chain's 1.14x while a 3-row verify cost more than a 2-row one; once 2-4 rows cost about
+the same (`effspec.kernels.linear_rows`), the 500-step head gave 1.16x against the chain's 1.09x, and with lookup
+in one tree 1.33x against 1.26x (3 prompts x 3 runs, one process), so 2 is the default.
 """
 
 from __future__ import annotations
@@ -384,9 +386,10 @@ class EagleDraft:
     """
 
     def __init__(self, head: EagleHead, target: nn.Module, max_len: int, vocab: torch.Tensor | None = None,
-                 width: int = 1):
+                 width: int = 2):
         """`vocab`: the tokens the draft may propose; default the head's own (from training). `width` > 1:
-        greedy rounds also propose the draft's 2nd..width-th likeliest first tokens (`propose_tree`)."""
+        greedy rounds also propose the draft's 2nd..width-th likeliest first tokens (`propose_tree`); 2 by default,
+        since a verify of 2-4 rows costs about the same (1: the chain alone)."""
         if width < 1:
             raise ValueError(f"width: expected a positive count, got {width}")
         self.head, self.target, self.width = head, target, width
