@@ -39,7 +39,7 @@ Methods, each run on every prompt of each set (`--methods` picks families):
   `--draft-vocab` is given, as a chain; `es-eagle-tree` the same head also
   offering its 2nd..`--eagle-width`-th likeliest first tokens, verified in the
   same pass as tree rows (`EagleDraft.propose_tree`; `effspec generate
-  --speculate eagle:DIR`, width 2); `es-eagle-lookup` `PromptLookup()` and that
+  --speculate eagle:DIR`, width 3); `es-eagle-lookup` `PromptLookup()` and that
   head as two branches of one verified tree (`Branches`, as
   `effspec generate --speculate lookup --speculate eagle:DIR`);
   transformers' `assistant_model` cannot take a draft
@@ -199,8 +199,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a draft model directory for es-/hf-distill, e.g. from README's draft-4-distill recipe")
     p.add_argument("--eagle", type=Path, default=None,
                    help="an EAGLE head directory for es-eagle (`effspec train-draft`)")
-    p.add_argument("--eagle-width", type=int, default=2,
-                   help="es-eagle-tree: the head's top-W first tokens are verified side by side (default 2)")
+    p.add_argument("--eagle-width", type=int, default=3,
+                   help="es-eagle-tree, es-eagle-lookup: the head's top-W first tokens are verified side by side "
+                        "(default 3, EagleDraft's)")
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="effspec drafts propose only the K most frequent tokens of --vocab-data's responses (0: all)")
     p.add_argument("--vocab-data", type=Path, default=DEFAULT_INSTRUCT,

@@ -40,7 +40,9 @@ With prompt lookup as a second branch of one verified tree (`effspec.speculative
 gave 1.30x (3 prompts) and 1.34x (6 prompts) where it alone gave 1.15x and 1.14x in the same runs. `width=2`
 measured 1.12x against the chain's 1.14x while a 3-row verify cost more than a 2-row one; once 2-4 rows cost about
 the same (`effspec.kernels.linear_rows`), the 500-step head gave 1.16x against the chain's 1.09x, and with lookup
-in one tree 1.33x against 1.26x (3 prompts x 3 runs, one process), so 2 is the default.
+in one tree 1.33x against 1.26x (3 prompts x 3 runs, one process). Width 3 did better still and 4 worse (3 prompts
+x 2 runs, one process: the head alone 1.18x / 1.22-1.23x / 1.14x at widths 2 / 3 / 4, the tree with lookup 1.33x /
+1.36-1.37x / 1.30x), so 3 is the default.
 """
 
 from __future__ import annotations
@@ -386,9 +388,9 @@ class EagleDraft:
     """
 
     def __init__(self, head: EagleHead, target: nn.Module, max_len: int, vocab: torch.Tensor | None = None,
-                 width: int = 2):
+                 width: int = 3):
         """`vocab`: the tokens the draft may propose; default the head's own (from training). `width` > 1:
-        greedy rounds also propose the draft's 2nd..width-th likeliest first tokens (`propose_tree`); 2 by default,
+        greedy rounds also propose the draft's 2nd..width-th likeliest first tokens (`propose_tree`); 3 by default,
         since a verify of 2-4 rows costs about the same (1: the chain alone)."""
         if width < 1:
             raise ValueError(f"width: expected a positive count, got {width}")
