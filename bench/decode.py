@@ -35,8 +35,9 @@ Methods, each run on every prompt of each set (`--methods` picks families):
   `--distilled` (e.g. the target's first 4 blocks trained by `distill`, the
   README's `draft-4-distill` recipe). `es-eagle` an EAGLE head given by
   `--eagle` (`effspec train-draft`: one block that reads the target's own
-  features; `effspec.eagle`), over the tokens it was trained with unless
-  `--draft-vocab` is given, as a chain; `es-eagle-tree` the same head also
+  features; `effspec.eagle`), over the tokens it was trained with (or
+  `--draft-vocab`'s) plus the prompt's, as `effspec generate` gives it, as a
+  chain; `es-eagle-tree` the same head also
   offering its 2nd..`--eagle-width`-th likeliest first tokens, verified in the
   same pass as tree rows (`EagleDraft.propose_tree`; `effspec generate
   --speculate eagle:DIR`, width 3); `es-eagle-lookup` `PromptLookup()` and that
@@ -46,7 +47,7 @@ Methods, each run on every prompt of each set (`--methods` picks families):
   that reads the target's features, so it has no hf- row (a verdict against the
   1.3x target only). `--draft-vocab K` restricts every effspec
   draft's head to the K most frequent tokens of `--vocab-data`'s responses
-  (FR-Spec; `effspec.speculative.frequent_tokens`), the transformers side keeps
+  plus the prompt's (FR-Spec; `effspec.speculative.frequent_tokens`), the transformers side keeps
   the whole vocabulary (its assistant has no such option).
 - transformers (side "transformers", the peer): `model.generate(do_sample=False)`
   on the same model object. `hf-plain` plain greedy; `hf-lookup`
@@ -410,47 +411,52 @@ def effspec_methods(model, eos: int, args, drafts: dict, vocab=None) -> list[Met
         g = greedy(model, ids, new, eos_token_id=eos, engine="lean")
         return Result(g.tokens.tolist(), g.decode_seconds, g.prefill_seconds)
 
-    def speculative(make_draft):
+    def speculative(make_draft, tokens=None):
+        """make_draft(room, tokens): the draft for one prompt, its head restricted to `tokens` plus the prompt's."""
         def run(ids):
-            g, st = speculative_greedy(model, ids, new, make_draft(ids.numel() + new + k_max + 2), eos_token_id=eos)
+            draft = make_draft(ids.numel() + new + k_max + 2, with_prompt(tokens, ids))
+            g, st = speculative_greedy(model, ids, new, draft, eos_token_id=eos)
             return Result(g.tokens.tolist(), g.decode_seconds, g.prefill_seconds, st.proposed, st.accepted)
         return run
+
+    def with_prompt(tokens, ids):
+        """A restricted head's tokens plus the prompt's and end-of-text, as `effspec generate` gives its drafts."""
+        import torch
+
+        return None if tokens is None else torch.cat([tokens, ids.reshape(-1), torch.tensor([eos])]).unique()
 
     out = []
     if "es-plain" in args.methods:
         out.append(Method("es-plain", "effspec", "-", plain))
     if "es-lookup" in args.methods:
-        out.append(Method("es-lookup", "effspec", "prompt lookup", speculative(lambda _n: PromptLookup())))
+        out.append(Method("es-lookup", "effspec", "prompt lookup", speculative(lambda _n, _t: PromptLookup())))
     for name, (label, hf_model, n_blocks) in drafts.items():
         if f"es-{name.rstrip('0123456789')}" not in args.methods:
             continue
         if n_blocks is not None:  # the target's own first blocks: no second model
-            make = lambda L, n=n_blocks: DraftDecoder.self_draft(model, L, n, vocab)  # noqa: E731
+            make = lambda L, t, n=n_blocks: DraftDecoder.self_draft(model, L, n, t)  # noqa: E731
         else:
-            make = lambda L, m=hf_model: DraftDecoder(m, L, vocab=vocab)  # noqa: E731
-        shown = label if vocab is None else f"{label}, {vocab.numel()} tokens"
-        out.append(Method(f"es-{name}", "effspec", shown, speculative(make)))
+            make = lambda L, t, m=hf_model: DraftDecoder(m, L, vocab=t)  # noqa: E731
+        shown = label if vocab is None else f"{label}, {vocab.numel()} tokens + the prompt's"
+        out.append(Method(f"es-{name}", "effspec", shown, speculative(make, vocab)))
     if set(EAGLE) & set(args.methods):
-        import torch
-
         from effspec.eagle import EagleDraft, EagleHead
 
         head = EagleHead.load(model, args.eagle)
         tokens = head.vocab if vocab is None else vocab
-        if tokens is not None:
-            tokens = torch.cat([tokens, torch.tensor([eos])]).unique()
-        shown = "EAGLE head, 1 block" + ("" if tokens is None else f", {tokens.numel()} tokens")
+        shown = "EAGLE head, 1 block" + ("" if tokens is None else f", {tokens.numel()} tokens + the prompt's")
         for name, width in (("es-eagle", 1), ("es-eagle-tree", args.eagle_width)):
             if name in args.methods:
                 label = shown + ("" if width == 1 else f", top-{width} first tokens")
                 out.append(Method(name, "effspec", label,
-                                  speculative(lambda L, w=width: EagleDraft(head, model, L, tokens, width=w))))
+                                  speculative(lambda L, t, w=width: EagleDraft(head, model, L, t, width=w), tokens)))
         if "es-eagle-lookup" in args.methods:
             from effspec.speculative import Branches
 
             w = args.eagle_width
             out.append(Method("es-eagle-lookup", "effspec", f"prompt lookup + {shown}, top-{w} first tokens, one tree",
-                              speculative(lambda L: Branches([PromptLookup(), EagleDraft(head, model, L, tokens, width=w)]))))
+                              speculative(lambda L, t: Branches([PromptLookup(), EagleDraft(head, model, L, t, width=w)]),
+                                          tokens)))
     return out
 
 
@@ -741,10 +747,10 @@ def report(args, rows, kv_rows, notes, draft_names, drop_info, env, omp, eos_tex
     if unstable:
         print(f"\nnote: output tokens differed between runs of {', '.join(unstable)}")
     if rows:
-        print(f"\ndecode tok/s: new tokens after the first / summed per-prompt median decode seconds (transformers: "
-              f"generate wall minus a 1-token generate's); 'x side plain' over the same side's plain greedy, 'x es-plain' "
-              f"over effspec's; identical: prompts whose tokens equal the side's plain greedy (es: transformers plain vs "
-              f"effspec plain); prefill s: summed over the prompts (transformers: the 1-token generate).")
+        print("\ndecode tok/s: new tokens after the first / summed per-prompt median decode seconds (transformers: "
+              "generate wall minus a 1-token generate's); 'x side plain' over the same side's plain greedy, 'x es-plain' "
+              "over effspec's; identical: prompts whose tokens equal the side's plain greedy (es: transformers plain vs "
+              "effspec plain); prefill s: summed over the prompts (transformers: the 1-token generate).")
     print(f"Rows: {args.out}")
 
 
