@@ -402,7 +402,7 @@ def draft_vocabulary(args, tokenizer):
 
 def effspec_methods(model, eos: int, args, drafts: dict, vocab=None) -> list[Method]:
     from effspec.generate import greedy
-    from effspec.speculative import K_MAX, DraftDecoder, PromptLookup, speculative_greedy
+    from effspec.speculative import K_MAX, DraftDecoder, PromptLookup, speculative_greedy, with_tokens
 
     k_max = K_MAX  # speculative_greedy's default, for the draft cache's size
     new = args.new_tokens
@@ -412,18 +412,13 @@ def effspec_methods(model, eos: int, args, drafts: dict, vocab=None) -> list[Met
         return Result(g.tokens.tolist(), g.decode_seconds, g.prefill_seconds)
 
     def speculative(make_draft, tokens=None):
-        """make_draft(room, tokens): the draft for one prompt, its head restricted to `tokens` plus the prompt's."""
+        """make_draft(room, tokens): the draft for one prompt, its head restricted to `tokens` plus the prompt's and
+        end-of-text, as `effspec generate` gives them."""
         def run(ids):
-            draft = make_draft(ids.numel() + new + k_max + 2, with_prompt(tokens, ids))
+            draft = make_draft(ids.numel() + new + k_max + 2, with_tokens(tokens, ids.tolist() + [eos]))
             g, st = speculative_greedy(model, ids, new, draft, eos_token_id=eos)
             return Result(g.tokens.tolist(), g.decode_seconds, g.prefill_seconds, st.proposed, st.accepted)
         return run
-
-    def with_prompt(tokens, ids):
-        """A restricted head's tokens plus the prompt's and end-of-text, as `effspec generate` gives its drafts."""
-        import torch
-
-        return None if tokens is None else torch.cat([tokens, ids.reshape(-1), torch.tensor([eos])]).unique()
 
     out = []
     if "es-plain" in args.methods:

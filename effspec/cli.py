@@ -402,9 +402,8 @@ def _one_draft(loaded, prompt, spec, args, room, vocab):
 def _eagle_draft(loaded, prompt, path, room, vocab):
     """An EAGLE head from `path` over the loaded model; it proposes its trained vocabulary (or --draft-vocab's)
     plus the prompt's tokens and end-of-text."""
-    import torch
-
     from effspec.eagle import EagleDraft, EagleHead
+    from effspec.speculative import with_tokens
 
     if not Path(path).is_dir():
         raise UserError(f"--speculate eagle:{path}: no such directory (train one with `effspec train-draft`)")
@@ -412,10 +411,8 @@ def _eagle_draft(loaded, prompt, path, room, vocab):
         head = EagleHead.load(loaded.model, path)
     except ValueError as e:
         raise UserError(f"--speculate eagle:{e}") from None
-    vocab = head.vocab if vocab is None else vocab
-    if vocab is not None:
-        eos = [] if loaded.tokenizer.eos_token_id is None else [loaded.tokenizer.eos_token_id]
-        vocab = torch.cat([vocab, prompt, torch.tensor(eos, dtype=torch.long)]).unique()
+    eos = [] if loaded.tokenizer.eos_token_id is None else [loaded.tokenizer.eos_token_id]
+    vocab = with_tokens(head.vocab if vocab is None else vocab, prompt.tolist() + eos)
     return EagleDraft(head, loaded.model, room, vocab)
 
 

@@ -271,6 +271,12 @@ def frequent_tokens(texts: list[torch.Tensor], k: int, always: list[int] = ()) -
     return torch.cat([top, torch.tensor(list(always), dtype=torch.long)]).unique()
 
 
+def with_tokens(vocab: torch.Tensor | None, extra: list[int]) -> torch.Tensor | None:
+    """A draft head's tokens plus `extra` (a prompt's tokens, end-of-text), so that it can propose what the prompt
+    says; None (the whole vocabulary) stays None."""
+    return None if vocab is None else torch.cat([vocab, torch.tensor(extra, dtype=torch.long)]).unique()
+
+
 @dataclass
 class SpeculativeStats:
     rounds: int = 0

@@ -9,7 +9,7 @@ from effspec.generate import SamplingConfig, greedy
 from effspec.models import load_model
 from effspec.registry import get_step
 from effspec.speculative import (Branches, DraftDecoder, PromptLookup, accepted_path, frequent_tokens, merge_trees,
-                                 speculative_greedy, speculative_sampling, speculative_step)
+                                 speculative_greedy, speculative_sampling, speculative_step, with_tokens)
 
 # a prompt that repeats itself, so prompt lookup has matches to propose
 PROMPT = torch.tensor(list(b"the cat sat on the mat. the cat sat on the mat. the cat"))
@@ -286,3 +286,8 @@ def test_prompt_lookup_index_equals_a_backward_scan_as_the_text_grows():
         while end <= len(text):
             assert look.propose(text[:end], 5) == scan(text[:end], 5), end
             end += int(torch.randint(1, 4, (1,), generator=g))  # 1-3 tokens a round, as accepted tokens arrive
+
+
+def test_with_tokens_adds_the_prompts_tokens_to_a_restricted_head_only():
+    assert with_tokens(None, [1, 2]) is None  # the whole vocabulary stays whole
+    assert with_tokens(torch.tensor([9, 4]), [4, 7, 0]).tolist() == [0, 4, 7, 9]
