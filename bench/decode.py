@@ -20,7 +20,7 @@ Methods, each run on every prompt of each set (`--methods` picks families):
 - effspec (side "effspec"): `es-plain` is `effspec.generate.greedy` on the lean
   engine (effspec.decoder); the others are `effspec.speculative.speculative_greedy`
   with its defaults (k 4, adapted by acceptance within [1, 12]) and a draft:
-  `es-lookup` `PromptLookup()` (n-grams 3..1); `es-selfN` the target's own first
+  `es-lookup` `PromptLookup()` (the longest suffix match, 12..1 tokens); `es-selfN` the target's own first
   N blocks, final norm and head (`DraftDecoder.self_draft`, N in `--self-blocks`,
   default 4,8; no second model); `es-dropD` a `drop-layers`-pruned copy of the
   target (`DraftDecoder(copy)`): the registry step with `n = --drop-blocks`
@@ -712,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     record = {"benchmark": "decode", "model": MODEL, "data": str(args.data),
               "protocol": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "effspec_speculative": {"k": 4, "adaptive": True, "k_max": K_MAX, "prompt_lookup_ngrams": [3, 1]},
+              "effspec_speculative": {"k": 4, "adaptive": True, "k_max": K_MAX, "prompt_lookup_ngrams": [12, 1]},
               "drop_layers": drop_info, "env": env, "notes": notes, "total_seconds": time.perf_counter() - t_start,
               "rows": rows + kv_rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@ prompts, takes the es-plain tokens from ROWS.json and replays the rounds
 (adaptive draft length from 4 up to --k-max, as `speculative_greedy` does) for
 several ways of proposing:
 
-- `lookup`: effspec's `PromptLookup` (latest earlier match of the last 3, 2 or
-  1 tokens), what `--speculate lookup` runs;
+- `lookup`: effspec's `PromptLookup` (the latest earlier match of the longest
+  suffix, 12..1 tokens), what `--speculate lookup` runs;
 - `earliest`, `vote` (the most frequent follower of the n-gram), `prompt-first`
   (the prompt's latest match before the output's), `longest-16` (the longest
   matching suffix up to 16 tokens): other choices of the occurrence;

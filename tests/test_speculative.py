@@ -267,10 +267,12 @@ def test_speculative_stop_strings_eos_and_streaming(spec):
     assert seen == gen.tokens.tolist()
 
 
-def test_prompt_lookup_index_equals_a_backward_scan_as_the_text_grows():
-    """The indexed look-up proposes what a plain backward scan over the whole text proposes, round after round
-    of a growing text, and after the text is replaced by another."""
-    def scan(tokens, k, max_n=3, min_n=1):
+@pytest.mark.parametrize("max_n,min_n", [(3, 1), (12, 1), (5, 2)])
+def test_prompt_lookup_index_equals_a_backward_scan_as_the_text_grows(max_n, min_n):
+    """The indexed look-up proposes what a plain backward scan over the whole text proposes -- the latest match of
+    the longest suffix, max_n..min_n tokens -- round after round of a growing text, and after the text is replaced
+    by another."""
+    def scan(tokens, k):
         for n in range(max_n, min_n - 1, -1):
             if len(tokens) <= n:
                 continue
@@ -280,8 +282,9 @@ def test_prompt_lookup_index_equals_a_backward_scan_as_the_text_grows():
         return []
 
     g = torch.Generator().manual_seed(0)
-    look = PromptLookup()
-    for text in (torch.randint(0, 6, (300,), generator=g).tolist(), torch.randint(0, 4, (120,), generator=g).tolist()):
+    look = PromptLookup(max_n, min_n)
+    for text in (torch.randint(0, 6, (300,), generator=g).tolist(), torch.randint(0, 4, (120,), generator=g).tolist(),
+                 torch.randint(0, 2, (200,), generator=g).tolist()):
         end = 1
         while end <= len(text):
             assert look.propose(text[:end], 5) == scan(text[:end], 5), end
