@@ -23,8 +23,8 @@ At decode (`EagleDraft`) the target's verify pass yields the feature of every to
 up on them (slot s of its one-block KV cache holds the input (t_{s+1}, f_s)), then proposes autoregressively on
 its own predictions, and the target verifies as for any draft (`effspec.speculative`), so output stays exact.
 
-Deviations: proposals are a chain (with `width` > 1 plus the draft's next likeliest first tokens beside it: one
-level of the paper's tree, `EagleDraft.propose_tree`), not the paper's full tree; the block keeps
+Deviations: proposals are a chain plus the draft's 2nd and 3rd likeliest first tokens beside it (`width`, 3 by
+default; one level of the paper's tree, `EagleDraft.propose_tree`), not the paper's full tree; the block keeps
 its input norm (EAGLE drops it on its single layer), so it is exactly the target's block type and runs on
 `effspec.decoder`'s compiled path; the noise amplitude is relative to the features' RMS (`noise` x RMS; the
 paper's absolute 0.1 assumes Vicuna's feature scale); the draft's head may be restricted to frequent tokens
