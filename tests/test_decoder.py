@@ -127,12 +127,13 @@ def test_unsupported_layouts_fall_back_to_transformers():
         LeanDecoder(model, 8)
 
 
-def test_rope_attend_matches_a_reference_with_grouped_heads():
+@pytest.mark.parametrize("d,pos", [(8, 7), (64, 37), (128, 20), (192, 37)])  # each head-size path, partial key blocks
+def test_rope_attend_matches_a_reference_with_grouped_heads(d, pos):
     ops = kernels.decode_ops()
     if ops is None:
         pytest.skip("no C++ compiler here")
     g = torch.Generator().manual_seed(3)
-    H, KV, d, L, pos = 6, 2, 8, 12, 7
+    H, KV, L = 6, 2, pos + 5
     q, k, v = (torch.randn(1, n * d, generator=g) for n in (H, KV, KV))
     theta = torch.rand(d // 2, generator=g) * 3
     cos, sin = torch.cat([theta.cos()] * 2), torch.cat([theta.sin()] * 2)
