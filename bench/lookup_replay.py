@@ -8,11 +8,13 @@ Speculative greedy keeps exactly the plain greedy output, so once that output
 is known a round needs no model: a draft's accepted length is the common
 prefix of its proposal and the output. This script rebuilds decode.py's
 prompts, takes the es-plain tokens from ROWS.json and replays the rounds
-(adaptive draft length from 4 up to --k-max, as `speculative_greedy` does) for
+(draft length as `speculative_greedy` chooses it, at most --k-max) for
 several ways of proposing:
 
 - `lookup`: effspec's `PromptLookup` (the latest earlier match of the longest
-  suffix, 12..1 tokens), what `--speculate lookup` runs;
+  suffix, 12..1 tokens) with the cost-aware draft length
+  (`effspec.draft_length`, here fed the table's costs), what `--speculate
+  lookup` runs; `lookup +1/-1`: the same proposals under the +1/-1 schedule;
 - `earliest`, `vote` (the most frequent follower of the n-gram), `prompt-first`
   (the prompt's latest match before the output's), `longest-16` (the longest
   matching suffix up to 16 tokens): other choices of the occurrence;
@@ -48,6 +50,7 @@ import torch  # noqa: E402
 
 import decode  # noqa: E402  (decode.py's prompt sets: the replay must see the same prompts)
 from effspec.models import load_model  # noqa: E402
+from effspec.draft_length import CostAwareLength  # noqa: E402
 from effspec.speculative import K_MAX, PromptLookup, _depth, _verify, accepted_path, adapt, merge_trees  # noqa: E402
 
 
@@ -80,6 +83,12 @@ class Occurrence:
                 s = starts[-1]
             return tokens[s + n:s + n + k]
         return []
+
+
+class ScheduledLookup(PromptLookup):
+    """`PromptLookup` with the +1/-1 draft-length schedule (`adapt`) instead of the cost-aware length."""
+
+    free = False
 
 
 class Candidates:
@@ -123,6 +132,7 @@ def replay(make, prompts: list[list[int]], outputs: list[list[int]], cost, k_max
     per_prompt = []
     for prompt, out in zip(prompts, outputs):
         draft = make(prompt)
+        lengths = CostAwareLength(k_max) if getattr(draft, "free", False) else None  # as speculative_greedy
         k, pos, seconds = 4, 1, 0.0
         while pos < len(out):
             text, want = prompt + out[:pos], min(k, len(out) - pos)
@@ -131,6 +141,10 @@ def replay(make, prompts: list[list[int]], outputs: list[list[int]], cost, k_max
                 ids, parents = out[pos:pos + n], list(range(-1, n - 1))
             elif hasattr(draft, "propose_tree"):
                 ids, parents = draft.propose_tree(text, want)
+            elif lengths:  # a free draft: as many of its proposals as buy the most tokens per second
+                ids = draft.propose(text, min(k_max, len(out) - pos))
+                ids = ids[:lengths.choose(len(ids), draft.match)]
+                parents = list(range(-1, len(ids) - 1))
             else:
                 ids = draft.propose(text, want)[:want]
                 parents = list(range(-1, len(ids) - 1))
@@ -146,6 +160,8 @@ def replay(make, prompts: list[list[int]], outputs: list[list[int]], cost, k_max
                 pred.append(out[pos + len(seq)] if right else -1)
             n = len(accepted_path(rows, row_parents, pred)) - 1
             seconds += cost(len(rows))
+            if lengths:
+                lengths.observe(len(rows), cost(len(rows)), len(ids), n, draft.match)
             accepted, rounds, pos = accepted + n, rounds + 1, pos + n + 1
             k = adapt(k, _depth(parents), n, k_max)
         plain = cost(1) * (len(out) - 1)
@@ -261,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     print("verify ms by rows: " + ", ".join(f"{r}: {table[r] * 1e3:.1f}" for r in known))
     strategies = {
         "lookup": lambda pr: PromptLookup(),
+        "lookup +1/-1": lambda pr: ScheduledLookup(),
         "earliest": lambda pr: Occurrence("earliest", len(pr)),
         "vote": lambda pr: Occurrence("vote", len(pr)),
         "prompt-first": lambda pr: Occurrence("prompt-first", len(pr)),

@@ -59,43 +59,32 @@ Verify steps of up to 8 tokens run on the decoder's compiled path (float
 linears through `linear_rows`, attention through `rope_attend`, as single
 decode steps do). The gain is bounded by the verify cost. At a ~1,100-token
 context on this machine (AMD EPYC, Zen 4, 1 thread; `bench/lookup_replay.py`'s
-measured costs) a verify of 1 row takes 28.9 ms, 2 rows 32.6, 4 rows 38.2 and
-8 rows 52.4: each further row costs c ~ 0.1 of a step, about half of it
-attention over the cached keys and half the linears' multiplies, both near this
-core's float32 FMA rate at 8 rows. (Until `linear_rows` prefetched the weights
-ahead at 3+ rows, 4 rows took 54 ms and 8 rows 77: the multiplies stalled on
-DRAM.) `bench/decode.py --sets grounded --methods es-plain,es-lookup --runs 3`,
-3 input-grounded prompts of ~1,100 tokens, 128 new tokens each, 1 thread: plain
-40.28 tok/s, lookup 61.61 (1.53x: 2.05x on the rewrite, 1.95x on the list,
-1.03x on the summary that copies little), 46% of proposals accepted, output
-identical 3/3 (`--prompts 6`: 1.75x); the same bench before the prefetching
-gave 1.26x. Replayed offline at those costs, lookup (then the last 3..1
-tokens) gives 1.54x, and 1.97x if extra rows were free: 2x needs better
-proposals, not only cheaper rows. A copy oracle (the longest span anywhere
-in the text so far that continues the output, up to 12 tokens)
-accepts 303 of 381 tokens in 81 rounds, 2.44x at those costs, where lookup
-accepts 190 in 193. Other ways of choosing the occurrence (the earliest, the
-most frequent follower, the prompt's own first, the longest matching suffix up
-to 16 tokens) and two or three candidates as a tree replayed at 1.48-1.55x;
-with at most 7 proposals (8 rows), lookup's 1.57x against n-gram orders from
-2..1 to 5..2 at 1.47-1.57x and other draft-length schedules (fixed 1-7, +2/-1,
-reset or halve on a rejection) at 1.32-1.55x. Of the 160 positions where
-lookup's first token is wrong or missing, the argmax key of the target's most copy-like
-attention heads (layer 18, heads 6 and 7) points to the right one at 14-15:
-the copies begin where no n-gram of the output points to them. At the verify
-costs measured after 2-4-row verifies got cheaper, the longest matching suffix
-(up to 12 tokens) replayed a few hundredths better than the last 3..1 tokens,
-and is `PromptLookup`'s rule now.
+measured costs) a verify of 1 row takes 24.2 ms, 2 rows 27.8, 3 29.6, 4 29.1
+and 8 rows 42.8: up to 4 rows the step is bound by reading the weights, and
+each row past 4 adds ~3.4 ms of multiplies, near this core's float32 FMA rate.
+(Until `linear_rows` prefetched the weights ahead, 4 rows took 54 ms and 8
+rows 77 against 29 for one.) Replayed offline at these costs, lookup would
+reach 2.27x on bench/decode.py's 3 grounded prompts if extra rows were free,
+and a copy oracle (the longest span anywhere in the text so far that
+continues the output, up to 7 tokens) 3.1x: the copies begin where no n-gram
+of the output points to them. Other ways of choosing the occurrence (the
+earliest, the most frequent follower, the prompt's own first) and two or three
+candidates as a tree replayed no better than the latest match of the longest
+suffix (up to 12 tokens), `PromptLookup`'s rule.
 
-The draft length adapts to the running acceptance (`adaptive`): +1 after a
-fully accepted round, -1 after a rejection, within [1, k_max] -- the
-heuristic schedule transformers' assisted generation also uses. `k_max`
-defaults to 7, so a verify (the last kept token + the proposals) stays within
-the decoder's compiled rows: 9-13 rows go through BLAS and cost 110-125 ms
-at a 1,100-token context against 52 ms for 8. Replayed on six grounded
-prompts, lookup gave 1.78x with 7 against 1.67x with 12; measured with 7,
-`bench/decode.py --sets grounded --prompts 6` gave 1.81x (1.65x with 12) and
-the 3-prompt default 1.53x.
+Draft length (`adaptive`): a draft that costs nothing to run (`free`: prompt
+lookup) has each round verify the number of its up to `k_max` proposals that
+buys the most tokens per second of verify (`effspec.draft_length`: acceptance
+estimated per match length, verify seconds per row count measured as the
+rounds run); other drafts adapt k to the running acceptance, +1 after a fully
+accepted round and -1 after a rejection, within [1, k_max] -- the schedule
+transformers' assisted generation also uses. On the 3 grounded prompts, in one
+process alternating, output identical: 1.66x against 1.59x with the +1/-1
+schedule. `k_max` defaults to 7, so a verify (the last kept token + the
+proposals) stays within the decoder's compiled rows: 9-13 rows go through BLAS
+and cost 110-125 ms at a 1,100-token context against 52 ms for 8 (measured
+before the 2-4-row and attention changes); replayed on six grounded prompts,
+lookup gave 1.78x with 7 against 1.67x with 12.
 """
 
 from __future__ import annotations
@@ -109,6 +98,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effspec.decoder import STEP_ROWS, LeanDecoder
+from effspec.draft_length import CostAwareLength
 from effspec.generate import Decode, Generation, SamplingConfig, final_text, first_stop, probabilities
 
 
@@ -131,11 +121,13 @@ class PromptLookup:
     """
 
     INDEXED = 3
+    free = True  # proposing costs nothing next to a verify: `speculative_greedy` sizes its rounds by cost alone
 
     def __init__(self, max_ngram: int = 12, min_ngram: int = 1):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"n-grams {max_ngram}..{min_ngram}: expected max_ngram >= min_ngram >= 1")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.match = 0  # tokens the last proposal's match spans (0: no match): how far to trust it
         self._seen: list[int] = []  # the text the index covers
         self._starts: dict[tuple[int, ...], list[int]] = {}
 
@@ -153,6 +145,7 @@ class PromptLookup:
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
         self._index(tokens)
+        self.match = 0
         top = min(self.max_ngram, self.INDEXED)
         for n in range(top, self.min_ngram - 1, -1):
             if len(tokens) <= n:
@@ -171,6 +164,7 @@ class PromptLookup:
                         best, longest = s, length
                         if length == self.max_ngram:  # no longer match is looked for; later ones came first
                             break
+            self.match = longest
             return tokens[best + n:best + n + k]
         return []
 
@@ -329,20 +323,28 @@ def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: i
                        k: int = 4, adaptive: bool = True, k_max: int = K_MAX, eos_token_id: int | None = None,
                        on_token: Callable[[int], None] | None = None) -> tuple[Generation, SpeculativeStats]:
     """Greedy generation of `model` after `prompt` (1-D ids), `draft` proposing up to `k` tokens a round;
-    `on_token(id)` is called with each kept token, a round's tokens at once."""
+    `on_token(id)` is called with each kept token, a round's tokens at once. With `adaptive`, k follows the
+    acceptance (`adapt`), or, for a draft that costs nothing to run (`free`: prompt lookup), each round verifies
+    the number of its up to `k_max` proposals that buys the most tokens per second (`CostAwareLength`)."""
     stats = SpeculativeStats()
     target, logits, prefill_seconds = _prefilled(model, prompt, max_new_tokens + k_max + 1, draft)
+    lengths = CostAwareLength(k_max) if adaptive and getattr(draft, "free", False) else None
     t1 = time.perf_counter()
     tokens = prompt.tolist()
     out = [int(logits[-1].argmax())]
     _emit(on_token, out)
     while len(out) < max_new_tokens and not (eos_token_id is not None and out[-1] == eos_token_id):
-        want = min(k, max_new_tokens - len(out))
+        want = min(k_max if lengths else k, max_new_tokens - len(out))
         proposal, parents = _proposals(draft, tokens + out, want)
+        if lengths:
+            proposal = proposal[:lengths.choose(len(proposal), draft.match)]
+            parents = parents[:len(proposal)]
         rows, row_parents = out[-1:] + proposal, [-1] + [p + 1 for p in parents]
         start = target.cache.length
+        t0 = time.perf_counter()
         logits, h = _verify(target, rows, row_parents)
         pred = logits.argmax(-1).tolist()
+        verify_seconds = time.perf_counter() - t0
         path = accepted_path(rows, row_parents, pred)
         target.keep(start, path)  # the fed last token and the accepted proposals
         _observe(draft, h[path])
@@ -352,6 +354,8 @@ def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: i
         _emit(on_token, new)
         out += new
         stats.record(len(proposal), n)
+        if lengths:
+            lengths.observe(len(rows), verify_seconds, len(proposal), n, draft.match)
         k = adapt(k, _depth(parents), n, k_max) if adaptive else k
     t2 = time.perf_counter()
     return Generation(torch.tensor(out), prefill_seconds, t2 - t1, target.cache.filled_bytes), stats

@@ -272,14 +272,14 @@ def test_prompt_lookup_index_equals_a_backward_scan_as_the_text_grows(max_n, min
     """The indexed look-up proposes what a plain backward scan over the whole text proposes -- the latest match of
     the longest suffix, max_n..min_n tokens -- round after round of a growing text, and after the text is replaced
     by another."""
-    def scan(tokens, k):
+    def scan(tokens, k):  # (proposal, length of the match)
         for n in range(max_n, min_n - 1, -1):
             if len(tokens) <= n:
                 continue
             for start in range(len(tokens) - n - 1, -1, -1):
                 if tokens[start:start + n] == tokens[-n:]:
-                    return tokens[start + n:start + n + k]
-        return []
+                    return tokens[start + n:start + n + k], n
+        return [], 0
 
     g = torch.Generator().manual_seed(0)
     look = PromptLookup(max_n, min_n)
@@ -287,7 +287,8 @@ def test_prompt_lookup_index_equals_a_backward_scan_as_the_text_grows(max_n, min
                  torch.randint(0, 2, (200,), generator=g).tolist()):
         end = 1
         while end <= len(text):
-            assert look.propose(text[:end], 5) == scan(text[:end], 5), end
+            proposal, n = scan(text[:end], 5)
+            assert look.propose(text[:end], 5) == proposal and look.match == n, end
             end += int(torch.randint(1, 4, (1,), generator=g))  # 1-3 tokens a round, as accepted tokens arrive
 
 
