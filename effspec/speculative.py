@@ -84,7 +84,11 @@ schedule. `k_max` defaults to 7, so a verify (the last kept token + the
 proposals) stays within the decoder's compiled rows: 9-13 rows go through BLAS
 and cost 110-125 ms at a 1,100-token context against 52 ms for 8 (measured
 before the 2-4-row and attention changes); replayed on six grounded prompts,
-lookup gave 1.78x with 7 against 1.67x with 12.
+lookup gave 1.78x with 7 against 1.67x with 12. Even if 9-16 rows stayed on
+the compiled path at the 8-row slope (replayed with costs extrapolated past 8
+rows), the cost-aware length with 11 or 15 proposals at most replayed no better
+than with 7: 1.67x and 1.65x against 1.70x (3 prompts), 1.89x and 1.83x
+against 1.98x (6).
 """
 
 from __future__ import annotations
