@@ -329,7 +329,9 @@ def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: i
     """Greedy generation of `model` after `prompt` (1-D ids), `draft` proposing up to `k` tokens a round;
     `on_token(id)` is called with each kept token, a round's tokens at once. With `adaptive`, k follows the
     acceptance (`adapt`), or, for a draft that costs nothing to run (`free`: prompt lookup), each round verifies
-    the number of its up to `k_max` proposals that buys the most tokens per second (`CostAwareLength`)."""
+    the number of its up to `k_max` proposals that buys the most tokens per second (`CostAwareLength`); such a
+    draft also says after each proposal how many tokens its match spanned (`match`), which the acceptance is
+    estimated by."""
     stats = SpeculativeStats()
     target, logits, prefill_seconds = _prefilled(model, prompt, max_new_tokens + k_max + 1, draft)
     lengths = CostAwareLength(k_max) if adaptive and getattr(draft, "free", False) else None
@@ -360,7 +362,8 @@ def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: i
         stats.record(len(proposal), n)
         if lengths:
             lengths.observe(len(rows), verify_seconds, len(proposal), n, draft.match)
-        k = adapt(k, _depth(parents), n, k_max) if adaptive else k
+        elif adaptive:
+            k = adapt(k, _depth(parents), n, k_max)
     t2 = time.perf_counter()
     return Generation(torch.tensor(out), prefill_seconds, t2 - t1, target.cache.filled_bytes), stats
 
