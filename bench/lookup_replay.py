@@ -24,7 +24,7 @@ several ways of proposing:
   the output -- what any copying draft could accept at best.
 
 Each round is priced with the measured cost of verifying its rows on this
-machine (`_verify` on smollm2-135m at the prompts' mean length, median of 9,
+machine (`_hidden` + `argmax` on smollm2-135m at the prompts' mean length, median of 9,
 --threads; or given with --costs), so "x plain" is the decode speedup the
 strategy would reach at those costs, and "free rows" the one it would reach if
 extra rows cost nothing. `--heads` also runs the target once per prompt with
@@ -51,7 +51,7 @@ import torch  # noqa: E402
 import decode  # noqa: E402  (decode.py's prompt sets: the replay must see the same prompts)
 from effspec.models import load_model  # noqa: E402
 from effspec.draft_length import CostAwareLength  # noqa: E402
-from effspec.speculative import K_MAX, PromptLookup, _depth, _verify, accepted_path, adapt, merge_trees  # noqa: E402
+from effspec.speculative import K_MAX, PromptLookup, _depth, _hidden, accepted_path, adapt, merge_trees  # noqa: E402
 
 
 def matches(tokens: list[int], n: int) -> list[int]:
@@ -184,7 +184,7 @@ def measure_costs(model, context: int, threads: int, max_rows: int) -> dict[int,
             for _ in range(9):
                 target.cache.length = context
                 t0 = time.perf_counter()
-                _verify(target, list(range(1000, 1000 + rows)))
+                target.argmax(_hidden(target, list(range(1000, 1000 + rows))))  # as speculative_greedy verifies
                 times.append(time.perf_counter() - t0)
             costs[rows] = statistics.median(times)
     return costs

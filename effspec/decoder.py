@@ -25,12 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from effspec import kernels as effspec_kernels
+from effspec.greedy_head import screen_of
 
 SUPPORTED_TYPES = ("llama", "qwen2")
 RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm")
 SILU = ("SiLUActivation", "SiLU")
 STEP_ROWS = 8  # up to this many new tokens (decode, speculative verify) take the compiled path
-_USE_OPS = os.environ.get("EFFSPEC_CPP_KERNELS", "1") != "0"  # x * rsqrt(mean(x^2) + eps) * weight, as F.rms_norm
+_USE_OPS = os.environ.get("EFFSPEC_CPP_KERNELS", "1") != "0"
+SCREEN_HEAD = True  # greedy tokens through the head's int8 screen (effspec.greedy_head); False: the logits' argmax  # x * rsqrt(mean(x^2) + eps) * weight, as F.rms_norm
 
 
 def supported(model: nn.Module) -> bool:
@@ -254,6 +256,22 @@ class LeanDecoder:
                 self.cache.k[:, :, start + slot] = self.cache.k[:, :, start + row]
                 self.cache.v[:, :, start + slot] = self.cache.v[:, :, start + row]
         self.cache.length = start + len(path)
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """The greedy tokens (rows,) of final-normed hidden states: `logits(x).argmax(-1)`, ties included, read
+        through the head's int8 screen (`effspec.greedy_head`, a quarter of a float32 head's bytes) when the head
+        is a plain float32 one on the compiled path."""
+        if SCREEN_HEAD and self.vocab is None and self.ops is not None and x.dtype == torch.float32 \
+                and x.shape[0] <= STEP_ROWS:
+            screen = screen_of(self.model.lm_head)
+            picks = None if screen is None else screen.argmax(x)
+            if picks is not None:
+                return picks
+        return self.logits(x).argmax(-1)
+
+    def next_token(self, ids: torch.Tensor) -> int:
+        """The greedy token after the 1-D `ids`, appended at the cache's end."""
+        return int(self.argmax(self.hidden(self.body.embed_tokens(ids)))[-1])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The head's logits (rows, vocab) of final-normed hidden states; -inf outside `vocab` when it is set."""

@@ -347,14 +347,13 @@ def greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, eos_toke
 
 def _greedy_lean(lean, prompt: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> Generation:
     t0 = time.perf_counter()
-    logits = lean.forward(prompt)
+    out = [lean.next_token(prompt)]
     t1 = time.perf_counter()
-    out = [int(logits[-1].argmax())]
     step = torch.empty(1, dtype=prompt.dtype)
     for _ in range(max_new_tokens - 1):
         if eos_token_id is not None and out[-1] == eos_token_id:
             break
         step[0] = out[-1]
-        out.append(int(lean.forward(step)[-1].argmax()))
+        out.append(lean.next_token(step))
     t2 = time.perf_counter()
     return Generation(torch.tensor(out), t1 - t0, t2 - t1, lean.cache.filled_bytes)

@@ -47,6 +47,7 @@ _SOURCE = r"""
 #include <cmath>
 #include <vector>
 #include <algorithm>
+#include <memory>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -747,6 +748,184 @@ torch::Tensor linear_rows(torch::Tensor x, torch::Tensor w, torch::Tensor bias) 
   return y;
 }
 
+// ---- Exact greedy argmax of a float32 head from an int8 screen (effspec.greedy_head) ----------------------
+// Q (N, K) int8 and S (N,) with W[n] ~ S[n] Q[n]: screen[r, n] = (Q[n] . x_r) * S[n], one sequential stream of a
+// quarter of W's bytes. |screen - linear_rows' exact output| <= C[n] * ||x_r||_1 + 4u |screen| (C built in
+// Python from the rounding and summation errors), so only the outputs whose screen lies within both bounds of
+// the best lower bound can be the argmax; those few are recomputed by linear_rows' own one-row arithmetic and
+// the first of the largest wins, as torch.argmax picks it.
+constexpr int64_t SCREEN_AHEAD = 4096;  // bytes of Q prefetched ahead of the tile being read
+
+template <int M, int J>
+static inline void screen_tile(const float* X, const int8_t* Q, const float* S, float* Y, int64_t N, int64_t K,
+                               int64_t n, bool prefetch) {
+  const int8_t* q = Q + n * K;  // the tile's J rows, contiguous
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  __m512 a[J][M];
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j)
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r) a[j][r] = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(q + SCREEN_AHEAD + k * J), _MM_HINT_T0);
+    __m512 wv[J];
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j)
+      wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + j * K + k))));
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r) {
+      const __m512 xv = _mm512_loadu_ps(X + r * K + k);
+#pragma GCC unroll 16
+      for (int j = 0; j < J; ++j) a[j][r] = _mm512_fmadd_ps(wv[j], xv, a[j][r]);
+    }
+  }
+#define SCREEN_SUM(j, r) _mm512_reduce_add_ps(a[j][r])
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 a[J][M];
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j)
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r) a[j][r] = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    if (prefetch && k % 16 == 0) _mm_prefetch(reinterpret_cast<const char*>(q + SCREEN_AHEAD + k * J), _MM_HINT_T0);
+    __m256 wv[J];
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j)
+      wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + j * K + k))));
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r) {
+      const __m256 xv = _mm256_loadu_ps(X + r * K + k);
+#pragma GCC unroll 16
+      for (int j = 0; j < J; ++j) a[j][r] = _mm256_fmadd_ps(wv[j], xv, a[j][r]);
+    }
+  }
+#define SCREEN_SUM(j, r) hsum(a[j][r])
+#else
+#define SCREEN_SUM(j, r) 0.f
+#endif
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j)
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r) {
+      float s = SCREEN_SUM(j, r);
+      for (int64_t t = k; t < K; ++t) s += (float)q[j * K + t] * X[r * K + t];
+      Y[r * N + n + j] = s * S[n + j];
+    }
+#undef SCREEN_SUM
+}
+
+// Weight rows a tile takes: one prefetched stream of 4 rows at 1-4 query rows (at bandwidth, 28 MB of smollm2's
+// head in 1.0 ms at one row), 3 at 5-8 (then the FMAs bound it: 4.5 ms at 8 rows); with AVX2's 16 registers fewer.
+template <int M>
+static void screen_pass(const float* X, const int8_t* Q, const float* S, float* Y, int64_t N, int64_t K) {
+#if defined(__AVX512F__)
+  constexpr int J = M <= 4 ? 4 : 3;
+#else
+  constexpr int J = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+#endif
+  const int64_t tiles = N / J;
+  at::parallel_for(0, tiles, 64, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      screen_tile<M, J>(X, Q, S, Y, N, K, t * J, (t + 1) * J * K + SCREEN_AHEAD <= t1 * J * K);
+  });
+  for (int64_t n = tiles * J; n < N; ++n) screen_tile<M, 1>(X, Q, S, Y, N, K, n, false);
+}
+
+// The outputs of one row that can be its argmax, compared as IEEE floats (no fast-math); false when x or a
+// screen is not finite (the caller then takes the float32 logits' argmax).
+__attribute__((noinline, optimize("no-fast-math")))
+static bool candidates(const float* x, const float* C, const float* y, int64_t N, int64_t K,
+                       std::vector<int64_t>& cand) {
+  double l1 = 0.0;
+  for (int64_t k = 0; k < K; ++k) l1 += std::fabs((double)x[k]);
+  if (!std::isfinite(l1)) return false;
+  const float L = (float)(l1 * (1.0 + 1e-6)), u4 = 4.f * 5.9604645e-08f;  // 4 * 2^-24
+  float best_low = -INFINITY;
+  float nan_if_any = 0.f;  // y * 0 is NaN for an infinite or NaN y
+  int64_t n = 0;
+#if defined(__AVX512F__)
+  const __m512 vl = _mm512_set1_ps(L), vu = _mm512_set1_ps(u4), vt = _mm512_set1_ps(1e-30f), zero = _mm512_setzero_ps();
+  __m512 best = _mm512_set1_ps(-INFINITY), bad = zero;
+  for (; n + 16 <= N; n += 16) {
+    const __m512 yv = _mm512_loadu_ps(y + n);
+    const __m512 b = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(C + n), vl),
+                                                 _mm512_mul_ps(vu, _mm512_abs_ps(yv))), vt);
+    best = _mm512_max_ps(best, _mm512_sub_ps(yv, b));
+    bad = _mm512_add_ps(bad, _mm512_mul_ps(yv, zero));
+  }
+  best_low = _mm512_reduce_max_ps(best);
+  nan_if_any = _mm512_reduce_add_ps(bad);
+#endif
+  for (; n < N; ++n) {
+    const float low = y[n] - (C[n] * L + u4 * __builtin_fabsf(y[n]) + 1e-30f);
+    if (low > best_low) best_low = low;
+    nan_if_any += y[n] * 0.f;
+  }
+  if (!(nan_if_any == 0.f) || !(best_low - best_low == 0.f)) return false;
+  n = 0;
+#if defined(__AVX512F__)
+  const __m512 floor = _mm512_set1_ps(best_low);
+  for (; n + 16 <= N; n += 16) {
+    const __m512 yv = _mm512_loadu_ps(y + n);
+    const __m512 b = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(C + n), vl),
+                                                 _mm512_mul_ps(vu, _mm512_abs_ps(yv))), vt);
+    for (__mmask16 m = _mm512_cmp_ps_mask(_mm512_add_ps(yv, b), floor, _CMP_GE_OQ); m; m &= m - 1)
+      cand.push_back(n + __builtin_ctz(m));
+  }
+#endif
+  for (; n < N; ++n)
+    if (y[n] + (C[n] * L + u4 * __builtin_fabsf(y[n]) + 1e-30f) >= best_low) cand.push_back(n);
+  return true;
+}
+
+// The first of the largest exact outputs among the candidates (increasing n), as torch.argmax; -1 if one is not
+// finite.
+__attribute__((noinline, optimize("no-fast-math")))
+static int64_t first_max(const float* y, const std::vector<int64_t>& cand) {
+  int64_t best = -1;
+  for (int64_t n : cand) {
+    if (!std::isfinite(y[n])) return -1;
+    if (best < 0 || y[n] > y[best]) best = n;
+  }
+  return best;
+}
+
+torch::Tensor screened_argmax(torch::Tensor x, torch::Tensor w, torch::Tensor q, torch::Tensor scale,
+                              torch::Tensor coef) {
+  const int64_t K = w.size(1), N = w.size(0), M = x.numel() / K;
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat && q.scalar_type() == torch::kChar
+              && scale.scalar_type() == torch::kFloat && coef.scalar_type() == torch::kFloat && x.is_contiguous()
+              && w.is_contiguous() && q.is_contiguous() && q.size(0) == N && q.size(1) == K && scale.numel() == N
+              && coef.numel() == N && M >= 1 && M <= 8, "screened_argmax: float32 x (M <= 8, K), W (N, K), int8 Q");
+  std::unique_ptr<float[]> Yb(new float[M * N]);
+  float* Yp = Yb.get();
+  const float *X = x.data_ptr<float>(), *S = scale.data_ptr<float>();
+  const int8_t* Qp = q.data_ptr<int8_t>();
+  switch (M) {
+    case 1: screen_pass<1>(X, Qp, S, Yp, N, K); break;
+    case 2: screen_pass<2>(X, Qp, S, Yp, N, K); break;
+    case 3: screen_pass<3>(X, Qp, S, Yp, N, K); break;
+    case 4: screen_pass<4>(X, Qp, S, Yp, N, K); break;
+    case 5: screen_pass<5>(X, Qp, S, Yp, N, K); break;
+    case 6: screen_pass<6>(X, Qp, S, Yp, N, K); break;
+    case 7: screen_pass<7>(X, Qp, S, Yp, N, K); break;
+    default: screen_pass<8>(X, Qp, S, Yp, N, K); break;
+  }
+  auto out = torch::empty({M}, torch::kLong);
+  int64_t* O = out.data_ptr<int64_t>();
+  const float *W = w.data_ptr<float>(), *C = coef.data_ptr<float>();
+  for (int64_t r = 0; r < M; ++r) {
+    float* y = Yp + r * N;
+    std::vector<int64_t> cand;
+    O[r] = -1;
+    if (!candidates(X + r * K, C, y, N, K, cand)) continue;
+    for (int64_t n : cand) rows_tile<1, 1>(X + r * K, W, nullptr, y, N, K, n, nullptr);  // linear_rows' own output
+    O[r] = first_max(y, cand);
+  }
+  return out;
+}
+
 // ---- W8A8 at few rows (effspec.steps.quantize.w8a8): y = (q(x) . W_q[n]) * s_w[n] * s_x + b[n] ----------
 // q(x) = round(x / s_x) in [-127, 127], s_x = max|x| / 127 per row (1 for an all-zero row); the dot products
 // are exact int32 sums. The float steps are the torch path's, in its order, compiled without fast-math and
@@ -826,6 +1005,8 @@ torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
                           torch::Tensor kcache, torch::Tensor vcache, int64_t start, double scale, torch::Tensor see);
 torch::Tensor linear_rows(torch::Tensor x, torch::Tensor w, torch::Tensor bias);
 torch::Tensor w8a8_rows(torch::Tensor x, torch::Tensor wq, torch::Tensor sw, torch::Tensor bias);
+torch::Tensor screened_argmax(torch::Tensor x, torch::Tensor w, torch::Tensor q, torch::Tensor scale,
+                              torch::Tensor coef);
 """
 
 # "int8" (default): activations rounded to int8 per 32 columns, as llama.cpp does; "float": exact float32
@@ -838,8 +1019,9 @@ EMPTY = torch.empty(0)  # "no bias"
 
 @lru_cache(maxsize=1)
 def _module():
-    return compile_inline("effspec_lowbit_v24", _DECLS, _SOURCE,
-                          ["lowbit_linear", "rms_norm", "silu_mul", "rope_attend", "linear_rows", "w8a8_rows"],
+    return compile_inline("effspec_lowbit_v25", _DECLS, _SOURCE,
+                          ["lowbit_linear", "rms_norm", "silu_mul", "rope_attend", "linear_rows", "w8a8_rows",
+                           "screened_argmax"],
                           "low-bit C++ kernels", "EFFSPEC_CPP_KERNELS",
                           cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], ldflags=["-fopenmp"])
 

@@ -333,11 +333,11 @@ def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: i
     draft also says after each proposal how many tokens its match spanned (`match`), which the acceptance is
     estimated by."""
     stats = SpeculativeStats()
-    target, logits, prefill_seconds = _prefilled(model, prompt, max_new_tokens + k_max + 1, draft)
+    target, first, prefill_seconds = _prefilled(model, prompt, max_new_tokens + k_max + 1, draft, greedy=True)
     lengths = CostAwareLength(k_max) if adaptive and getattr(draft, "free", False) else None
     t1 = time.perf_counter()
     tokens = prompt.tolist()
-    out = [int(logits[-1].argmax())]
+    out = [int(first[0])]
     _emit(on_token, out)
     while len(out) < max_new_tokens and not (eos_token_id is not None and out[-1] == eos_token_id):
         want = min(k_max if lengths else k, max_new_tokens - len(out))
@@ -348,8 +348,8 @@ def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: i
         rows, row_parents = out[-1:] + proposal, [-1] + [p + 1 for p in parents]
         start = target.cache.length
         t0 = time.perf_counter()
-        logits, h = _verify(target, rows, row_parents)
-        pred = logits.argmax(-1).tolist()
+        h = _hidden(target, rows, row_parents)
+        pred = target.argmax(h).tolist()
         verify_seconds = time.perf_counter() - t0
         path = accepted_path(rows, row_parents, pred)
         target.keep(start, path)  # the fed last token and the accepted proposals
@@ -407,22 +407,29 @@ def adapt(k: int, proposed: int, accepted: int, k_max: int) -> int:
     return min(k + 1, k_max) if accepted == proposed else max(1, k - 1)
 
 
-def _prefilled(model: nn.Module, prompt: torch.Tensor, room: int, draft) -> tuple[LeanDecoder, torch.Tensor, float]:
+def _prefilled(model: nn.Module, prompt: torch.Tensor, room: int, draft,
+               greedy: bool = False) -> tuple[LeanDecoder, torch.Tensor, float]:
     """The target's decoder with `prompt` in its cache and `room` positions to spare: (decoder, logits of the
-    last position, seconds). A draft that feeds on the target's features (`observe`) gets the prompt's."""
+    last position -- with `greedy`, its argmax token (1,) instead --, seconds). A draft that feeds on the target's
+    features (`observe`) gets the prompt's."""
     target = LeanDecoder(model, prompt.numel() + room)
     t0 = time.perf_counter()
     h = target.hidden(target.body.embed_tokens(prompt), last_only=not hasattr(draft, "observe"))
-    logits = target.logits(h[-1:])
+    head = target.argmax(h[-1:]) if greedy else target.logits(h[-1:])
     seconds = time.perf_counter() - t0
     _observe(draft, h)
-    return target, logits, seconds
+    return target, head, seconds
+
+
+def _hidden(target: LeanDecoder, ids: list[int], parents: list[int] | None = None) -> torch.Tensor:
+    """The target's final-normed hidden states (features) of every row of `ids`, a chain or, with `parents`, a
+    tree (`LeanDecoder.hidden`)."""
+    return target.hidden(target.body.embed_tokens(torch.tensor(ids)), last_only=False, parents=parents)
 
 
 def _verify(target: LeanDecoder, ids: list[int], parents: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target's logits and final-normed hidden states (features) of every row of `ids`, a chain or, with
-    `parents`, a tree (`LeanDecoder.hidden`)."""
-    h = target.hidden(target.body.embed_tokens(torch.tensor(ids)), last_only=False, parents=parents)
+    """The target's logits and features of every row of `ids` (`_hidden`)."""
+    h = _hidden(target, ids, parents)
     return target.logits(h), h
 
 

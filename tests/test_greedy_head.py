@@ -1,0 +1,108 @@
+"""effspec.greedy_head: the int8-screened argmax equals the float32 logits' argmax, ties and near-ties included."""
+
+import pytest
+import torch
+from torch import nn
+
+from effspec import decoder, kernels
+from effspec.decoder import LeanDecoder
+from effspec.generate import greedy
+from effspec.greedy_head import Int8Screen, screen_of
+from effspec.models import load_model
+
+pytestmark = pytest.mark.skipif(kernels.decode_ops() is None, reason="needs the compiled kernels")
+E = kernels.EMPTY
+
+
+def exact_argmax(x, W):
+    return kernels.decode_ops().linear_rows(x.contiguous(), W, E).argmax(-1)
+
+
+def near_tie_head(N: int, K: int, seed: int) -> torch.Tensor:
+    """Random rows, plus rows the int8 grid cannot tell apart: row 1 is row 0 with one weight moved by a tenth of
+    a grid step (same codes, different float32 logit), rows 2 and 3 are equal (an exact tie)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=g) * 0.05
+    W[1] = W[0]
+    W[1, 0] += W[0].abs().max() / 127 / 10
+    W[3] = W[2]
+    return W
+
+
+@pytest.mark.parametrize("K", [64, 40, 576])  # 40: a tail past the last 16-column chunk
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
+def test_screened_argmax_equals_the_float32_argmax(M, K):
+    W = near_tie_head(700, K, seed=M * 1000 + K)
+    screen = Int8Screen(W)
+    g = torch.Generator().manual_seed(M + K)
+    for trial in range(20):
+        x = torch.randn(M, K, generator=g)
+        if trial % 2 == 0:  # queries that put the near-tied rows 0 / 1, or the tied rows 2 / 3, on top
+            x = W[[trial % 4] * M] * 40 + torch.randn(M, K, generator=g) * 1e-3
+            x[:, 0] = torch.randn(M, generator=g).abs() * (1 if trial % 8 < 4 else -1)
+        assert torch.equal(screen.argmax(x), exact_argmax(x, W))
+
+
+def test_the_recheck_is_what_makes_it_exact():
+    """The int8 screen alone picks wrongly on the near-tied rows (same codes); the recheck gives the float one."""
+    K = 64
+    W = near_tie_head(300, K, seed=1)
+    screen = Int8Screen(W)
+    x = W[[0]] * 40
+    x[0, 0] = 1.0  # row 1's larger first weight makes its logit the larger
+    approx = x @ (screen.codes.float() * screen.scale[:, None]).T
+    assert int(approx.argmax()) == 0 and int(exact_argmax(x, W)) == 1
+    assert int(screen.argmax(x)) == 1
+
+
+def test_the_screen_error_stays_within_its_bound():
+    K = 96
+    W = near_tie_head(2000, K, seed=2) * torch.logspace(-3, 1, 2000)[:, None]  # rows of very different scales
+    screen = Int8Screen(W)
+    x = torch.randn(8, K) * torch.logspace(-2, 2, K)
+    approx = (x.double() @ (screen.codes.double() * screen.scale.double()[:, None]).T)
+    exact = kernels.decode_ops().linear_rows(x, W, E).double()
+    bound = screen.coef.double()[None] * x.abs().sum(1, keepdim=True).double()
+    err = (approx - exact).abs()
+    assert bool((err <= bound).all())
+    assert float((err / bound).max()) > 0.05  # the bound is not vacuous either
+
+
+def test_non_finite_input_falls_back_to_the_logits():
+    W = near_tie_head(100, 32, seed=3)
+    screen = Int8Screen(W)
+    x = torch.randn(2, 32)
+    x[1, 3] = float("nan")
+    assert screen.argmax(x) is None
+    x[1, 3] = float("inf")
+    assert screen.argmax(x) is None
+
+
+def test_screen_is_cached_per_weight_and_rebuilt_when_the_weight_changes():
+    head = nn.Linear(32, 200, bias=False)
+    first = screen_of(head)
+    assert first is not None and screen_of(head) is first
+    with torch.no_grad():
+        head.weight.mul_(2)  # in place: a new version of the same tensor
+    second = screen_of(head)
+    assert second is not first and torch.equal(second.scale, first.scale * 2)
+    assert screen_of(nn.Linear(32, 200, bias=True)) is None  # a bias: the float32 path
+    assert screen_of(nn.Linear(32, 200, bias=False).to(torch.bfloat16)) is None
+    bad = nn.Linear(32, 200, bias=False)
+    with torch.no_grad():
+        bad.weight[0, 0] = float("nan")
+    assert screen_of(bad) is None
+
+
+def test_lean_decoder_greedy_tokens_are_unchanged_by_the_screen(monkeypatch):
+    model = load_model("tiny-llama").model
+    prompt = torch.randint(0, 256, (19,), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        lean = LeanDecoder(model, 40)
+        h = lean.hidden(lean.body.embed_tokens(prompt), last_only=False)
+        for rows in (1, 4, 8):
+            assert torch.equal(lean.argmax(h[:rows]), lean.logits(h[:rows]).argmax(-1))
+    screened = greedy(model, prompt, 24, engine="lean").tokens
+    monkeypatch.setattr(decoder, "SCREEN_HEAD", False)
+    assert torch.equal(greedy(model, prompt, 24, engine="lean").tokens, screened)
+    assert torch.equal(greedy(model, prompt, 24, engine="transformers").tokens, screened)
