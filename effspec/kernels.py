@@ -708,17 +708,17 @@ static void rows_pass(const float* X, const float* W, const float* B, float* Y, 
   for (int64_t n = tiles * J; n < N; ++n) rows_tile<M, 1>(X, W, B, Y, N, K, n, nullptr);
 }
 
-// Weight rows a tile takes (J). With AVX-512, 2-4 rows run several prefetched weight streams at once (J = 3, 6 at
-// 4 rows). smollm2-135m's linears in situ at a 150-token context, 1 thread, against the kernel before (one stream,
-// a `finish_row` call per output): 2 rows 24.3 -> 23.0 ms, 3 rows 25.7 -> 23.2, 4 rows 23.4 -> 21.5, one row
-// 20.5-20.8 either way; a whole step 28.0 -> 26.7, 29.8 -> 27.4, 27.8 -> 26.1 ms (at 1,100 tokens 33.4 -> 32.2,
-// 36.1 -> 34.1, 35.2 -> 34.6). Without prefetches several streams ran ~2x slower than one; at 5-8 rows J > 1
-// measured worse.
+// Weight rows a tile takes (J). With AVX-512, 4 rows run six prefetched weight streams at once, and 2-3 rows are
+// run as 4 (`linear_rows` pads them with zero rows). smollm2-135m's linears in situ at a 150-token context, 1 thread,
+// against one stream with a `finish_row` call per output: 4 rows 23.4 -> 21.5 ms, one row 20.5-20.8 either way.
+// Three streams at 2-3 rows had given 24.3 -> 23.0 and 25.7 -> 23.2 ms; as 4 rows a whole step of 2 rows took
+// 1.0-1.4 ms less again (150 and 1,100 tokens, one process alternating), 3 rows 0-0.5 ms less. Without prefetches
+// several streams ran ~2x slower than one; at 5-8 rows J > 1 measured worse.
 template <int M>
 static void rows_linear(const float* X, const float* W, const float* B, float* Y, int64_t N, int64_t K) {
 #if defined(__AVX512F__)
-  if constexpr (M >= 2 && M <= 4) {
-    rows_pass<M, M <= 3 ? 3 : 6>(X, W, B, Y, N, K);
+  if constexpr (M == 4) {
+    rows_pass<4, 6>(X, W, B, Y, N, K);
     return;
   }
 #endif
@@ -735,6 +735,15 @@ torch::Tensor linear_rows(torch::Tensor x, torch::Tensor w, torch::Tensor bias) 
   auto y = torch::empty(shape, x.options());
   const float *X = x.data_ptr<float>(), *W = w.data_ptr<float>(), *B = bias.numel() ? bias.data_ptr<float>() : nullptr;
   float* Y = y.data_ptr<float>();
+#if defined(__AVX512F__)
+  if (M == 2 || M == 3) {  // as 4 rows, the last zero
+    std::unique_ptr<float[]> Xp(new float[4 * K]()), Yp(new float[4 * N]);
+    std::copy(X, X + M * K, Xp.get());
+    rows_linear<4>(Xp.get(), W, B, Yp.get(), N, K);
+    std::copy(Yp.get(), Yp.get() + M * N, Y);
+    return y;
+  }
+#endif
   switch (M) {
     case 1: rows_linear<1>(X, W, B, Y, N, K); break;
     case 2: rows_linear<2>(X, W, B, Y, N, K); break;

@@ -189,8 +189,8 @@ class DraftDecoder:
         return cls(model, max_len, n_blocks, vocab)
 
     def _catch_up(self, tokens: list[int], k: int) -> tuple[torch.Tensor | None, int]:
-        """Roll the cache back to what it shares with `tokens` and feed the rest: (logits of the last token,
-        how many of the k tokens fit in the cache), or (None, 0) when none fits."""
+        """Roll the cache back to what it shares with `tokens` and feed the rest: (final hidden state of the last
+        token, how many of the k tokens fit in the cache), or (None, 0) when none fits."""
         common = 0
         for a, b in zip(self.fed, tokens):
             if a != b:
@@ -203,27 +203,27 @@ class DraftDecoder:
         if k <= 0:
             return None, 0
         new = tokens[common:]
-        logits = self.lean.forward(torch.tensor(new), last_only=True)  # several tokens at once after a prefix
+        h = self.lean.hidden(self.lean.body.embed_tokens(torch.tensor(new)))  # several tokens at once after a prefix
         self.fed += new
-        return logits, k
+        return h, k
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        logits, k = self._catch_up(tokens, k)
-        if logits is None:
+        h, k = self._catch_up(tokens, k)
+        if h is None:
             return []
-        out = [int(logits[-1].argmax())]
+        out = [int(self.lean.argmax(h)[-1])]
         while len(out) < k:
-            logits = self.lean.forward(torch.tensor(out[-1:]))
             self.fed.append(out[-1])
-            out.append(int(logits[-1].argmax()))
+            out.append(self.lean.next_token(torch.tensor(out[-1:])))
         return out
 
     def sample(self, tokens: list[int], k: int, config: SamplingConfig,
                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor]:
         """Up to k tokens, each drawn from the draft's `config`-filtered distribution q, and q's rows (n, vocab)."""
-        logits, k = self._catch_up(tokens, k)
-        if logits is None:
+        h, k = self._catch_up(tokens, k)
+        if h is None:
             return [], torch.empty(0, 0)
+        logits = self.lean.logits(h)
         out, q = [], []
         while True:
             q.append(probabilities(logits[-1:], config))
