@@ -200,18 +200,24 @@ class TextStream:
 
 # ---- engines: prefill and one step, (batch, vocab) logits each -----------------------------------
 class _LeanEngine:
-    """Batch 1 on effspec.decoder's static cache."""
+    """Batch 1 on effspec.decoder's static cache. With `chooses` (greedy) it returns the chosen token (1,) instead
+    of logits: the decoder's screened argmax (`effspec.greedy_head`) never computes them."""
 
-    def __init__(self, model: nn.Module, prompt: torch.Tensor, max_new_tokens: int):
+    def __init__(self, model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, chooses: bool = False):
         from effspec.decoder import LeanDecoder
 
         self.lean, self.prompt = LeanDecoder(model, prompt.numel() + max_new_tokens), prompt
+        self.chooses = chooses
+
+    def _out(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.lean.hidden(self.lean.body.embed_tokens(ids))
+        return self.lean.argmax(h) if self.chooses else self.lean.logits(h)
 
     def prefill(self) -> torch.Tensor:
-        return self.lean.forward(self.prompt)
+        return self._out(self.prompt)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.lean.forward(tokens)
+        return self._out(tokens)
 
     def held_bytes(self) -> int:
         return self.lean.cache.filled_bytes
@@ -257,7 +263,7 @@ def _decode(engine, rows: int, max_new_tokens: int, config: SamplingConfig, eos_
     logits = engine.prefill()
     t1 = time.perf_counter()
     while True:
-        chosen = next_tokens(logits, config, generator)
+        chosen = logits if getattr(engine, "chooses", False) else next_tokens(logits, config, generator)
         for b, token in enumerate(chosen.tolist()):
             if done[b]:
                 continue  # a finished row keeps the batch rectangular; what it is fed is never read
@@ -313,7 +319,7 @@ def generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, config
             if decode is not None:
                 gen.text = decode(gen.tokens.tolist())
             return gen
-        runner = _LeanEngine(model, prompt, max_new_tokens)
+        runner = _LeanEngine(model, prompt, max_new_tokens, chooses=config.greedy)
     else:
         runner = _TransformersEngine(model, [prompt], _transformers_cache(model, cache))
     callback = None if on_token is None else lambda _row, token: on_token(token)
