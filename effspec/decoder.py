@@ -31,8 +31,8 @@ SUPPORTED_TYPES = ("llama", "qwen2")
 RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm")
 SILU = ("SiLUActivation", "SiLU")
 STEP_ROWS = 8  # up to this many new tokens (decode, speculative verify) take the compiled path
-_USE_OPS = os.environ.get("EFFSPEC_CPP_KERNELS", "1") != "0"
-SCREEN_HEAD = True  # greedy tokens through the head's int8 screen (effspec.greedy_head); False: the logits' argmax  # x * rsqrt(mean(x^2) + eps) * weight, as F.rms_norm
+_USE_OPS = os.environ.get("EFFSPEC_CPP_KERNELS", "1") != "0"  # x * rsqrt(mean(x^2) + eps) * weight, as F.rms_norm
+SCREEN_HEAD = True  # greedy tokens through the head's int8 screen (effspec.greedy_head); False: the logits' argmax
 
 
 def supported(model: nn.Module) -> bool:
