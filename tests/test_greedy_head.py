@@ -106,3 +106,53 @@ def test_lean_decoder_greedy_tokens_are_unchanged_by_the_screen(monkeypatch):
     monkeypatch.setattr(decoder, "SCREEN_HEAD", False)
     assert torch.equal(greedy(model, prompt, 24, engine="lean").tokens, screened)
     assert torch.equal(greedy(model, prompt, 24, engine="transformers").tokens, screened)
+
+
+def test_inputs_with_outlier_channels_keep_the_argmax_exact():
+    """Hidden states carry a few channels hundreds of times larger than the rest (smollm2's final norm output
+    does); where the screen rounds x too (AVX512-VNNI's integer form) its bound must cover that rounding."""
+    K = 128
+    W = near_tie_head(900, K, seed=5)
+    screen = Int8Screen(W)
+    g = torch.Generator().manual_seed(6)
+    for trial in range(30):
+        M = 1 + trial % 8
+        x = W[[trial % 4] * M] * 40 + torch.randn(M, K, generator=g) * 1e-3
+        x[:, 0] = torch.randn(M, generator=g).abs() * (1 if trial % 2 else -1)
+        x[:, 7 + trial % 5] = 300.0 * (1 if trial % 3 else -1)  # an outlier channel
+        assert torch.equal(screen.argmax(x), exact_argmax(x, W))
+
+
+def two_level(x: torch.Tensor) -> torch.Tensor:
+    """x as the VNNI screen rounds it: s (x1 + x2 / 254), s = max|x| / 127, x1 and x2 integers in [-127, 127]."""
+    s = (x.abs().amax(-1, keepdim=True) / 127).double()
+    t = x.double() / s
+    a = t.round().clamp(-127, 127)
+    return s * (a + ((t - a) * 254).round().clamp(-127, 127) / 254)
+
+
+def test_the_bound_covers_the_rounding_of_x():
+    """Rows on the int8 grid (no weight rounding at all) whose codes differ by 20 where x's rounding pushes every
+    difference the same way: with x rounded as the integer screen rounds it row 0 looks best by 960 steps of x's
+    second level, while in float32 row 1 is. The bound must keep row 1 a candidate."""
+    K, s = 128, 2.0 ** -7
+    g = torch.Generator().manual_seed(7)
+    Q = torch.randint(-20, 21, (200, K), generator=g).float()
+    Q[:, 0] = torch.randint(-50, 51, (200,), generator=g).float()  # channel 0: the large input
+    Q[:, 1] = 127  # channel 1 (input 0): every row's scale is exactly s
+    Q[0, 2:] = 0
+    Q[1, 2:] = 0
+    Q[0, 0] = Q[1, 0] = 100
+    Q[1, 2:54] = 20  # 52 channels whose input rounds down to 0
+    Q[1, 54:102] = -20  # 48 whose input rounds up to one step
+    W = Q * s
+    x = torch.zeros(1, K)
+    x[0, 0] = 300.0
+    step = 300.0 / 127 / 254
+    x[0, 2:54] = 0.49 * step
+    x[0, 54:102] = 0.51 * step
+    screen = Int8Screen(W)
+    rounded = (two_level(x) @ W.double().T)[0]
+    assert int(rounded.argmax()) == 0 and float(rounded[0] - rounded[1]) > 900 * step * s
+    assert int(exact_argmax(x, W)) == 1
+    assert int(screen.argmax(x)) == 1
