@@ -10,11 +10,16 @@ logits y' differ from the float32 ones y by at most
 
 the first term the rounding of the weights to the int8 grid, the second the float32 summation error of both dot
 products (gamma_K = K u / (1 - K u), u = 2^-24, any order of K additions), the last the screen's final scaling.
+With AVX512-VNNI the screen multiplies integers: x is rounded too, to two int8 levels (s_x (x1 + x2 / 254),
+2^-15 of max|x|), and the bound gains 127 s_n sum_k |x_k - x^_k| (|w^_nk| <= 127 s_n); on smollm2 that term is
+~4% of the bound.
 Every n whose upper bound y'_n + b_n reaches the best lower bound max_m (y'_m - b_m) is recomputed with
 `linear_rows`' own one-row arithmetic, so the chosen index is the first of the largest float32 logits, exactly
 what `logits.argmax(-1)` gives, ties included. On smollm2 over 1,024 WikiText positions the bound left 5.5
-candidates on average (at most 62) out of 49,152. The head alone, 1 thread: one row 4.06 -> 1.14 ms, 4 rows
-4.34 -> 2.81, 8 rows 6.54 -> 5.48; a whole one-row step at a 150-token context 22.77 -> 18.98 ms.
+candidates on average (at most 62) out of 49,152 (5.95 and 70 with x rounded as well). The head alone, 1 thread:
+one row 4.06 -> 1.14 ms, 4 rows 4.34 -> 2.81, 8 rows 6.54 -> 5.48 with the float screen; the integer screen
+0.15-1.1 ms less again (4 rows 2.10, 8 rows 4.61 against 2.89 and 5.69, one process alternating). A whole one-row
+step at a 150-token context: 22.77 -> 18.98 ms.
 
 The int8 copy is built once per head weight (cached on the module's weight, rebuilt if the weight changes) and
 costs a quarter of the head's bytes in memory. The C++ part is `screened_argmax` in `effspec.kernels`.
