@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effspec import kernels as effspec_kernels
-from effspec.greedy_head import screen_of
+from effspec.greedy_head import Int8Screen, screen_of
 
 SUPPORTED_TYPES = ("llama", "qwen2")
 RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm")
@@ -132,6 +132,7 @@ class LeanDecoder:
         # generation). A decoder lives for one generation; the model's modules do not change under it.
         self._plain: dict[nn.Module, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self.vocab = self.head_rows = None
+        self._vocab_screen = None  # (the whole head's screen, its rows for `vocab`)
         if vocab is not None:
             head = model.lm_head
             if type(head) is not nn.Linear or head.bias is not None:
@@ -261,13 +262,21 @@ class LeanDecoder:
         """The greedy tokens (rows,) of final-normed hidden states: `logits(x).argmax(-1)`, ties included, read
         through the head's int8 screen (`effspec.greedy_head`, a quarter of a float32 head's bytes) when the head
         is a plain float32 one on the compiled path."""
-        if SCREEN_HEAD and self.vocab is None and self.ops is not None and x.dtype == torch.float32 \
-                and x.shape[0] <= STEP_ROWS:
-            screen = screen_of(self.model.lm_head)
+        if SCREEN_HEAD and self.ops is not None and x.dtype == torch.float32 and x.shape[0] <= STEP_ROWS:
+            screen = self._screen()
             picks = None if screen is None else screen.argmax(x)
             if picks is not None:
-                return picks
+                return picks if self.vocab is None else self.vocab[picks]
         return self.logits(x).argmax(-1)
+
+    def _screen(self):
+        """The head's int8 screen; with `vocab`, its rows of the whole head's screen, taken once per decoder."""
+        full = screen_of(self.model.lm_head)
+        if self.vocab is None or full is None:
+            return full
+        if self._vocab_screen is None or self._vocab_screen[0] is not full:
+            self._vocab_screen = (full, Int8Screen.rows_of(full, self.vocab, self.head_rows.weight.detach()))
+        return self._vocab_screen[1]
 
     def next_token(self, ids: torch.Tensor) -> int:
         """The greedy token after the 1-D `ids`, appended at the cache's end."""

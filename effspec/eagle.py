@@ -435,7 +435,7 @@ class EagleDraft:
         out = [int(first.argmax())]
         while len(out) < k:
             f = self._next(out[-1], f)
-            out.append(int(self.lean.logits(f)[-1].argmax()))
+            out.append(int(self.lean.argmax(f)[-1]))
         return out, first
 
     @torch.inference_mode()

@@ -60,6 +60,16 @@ class Int8Screen:
             self.scale[i:i + ROW_CHUNK] = scale
             self.coef[i:i + ROW_CHUNK] = coef.float() * (1 + 2 ** -20)  # rounded up past float32's rounding
 
+    @classmethod
+    def rows_of(cls, parent: "Int8Screen", index: torch.Tensor, weight: torch.Tensor) -> "Int8Screen":
+        """The screen of `weight` = parent.weight[index] (a draft's head over a vocabulary subset), its codes and
+        bounds taken from the parent's rows instead of computed again."""
+        screen = cls.__new__(cls)
+        screen.weight = weight
+        screen.codes = parent.codes[index].contiguous()
+        screen.scale, screen.coef = parent.scale[index].contiguous(), parent.coef[index].contiguous()
+        return screen
+
     def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
         """The float32 logits' argmax of each row of x (rows <= 8, K), or None where the screen cannot say (a
         non-finite input or logit): the caller then computes the logits."""
