@@ -156,3 +156,17 @@ def test_the_bound_covers_the_rounding_of_x():
     assert int(rounded.argmax()) == 0 and float(rounded[0] - rounded[1]) > 900 * step * s
     assert int(exact_argmax(x, W)) == 1
     assert int(screen.argmax(x)) == 1
+
+
+def test_a_vocabulary_subset_takes_its_rows_of_the_whole_screen():
+    """A draft's head over some tokens (`LeanDecoder(vocab=...)`): the screen's rows for those tokens give the
+    argmax of the subset's logits, as a token id of the whole vocabulary."""
+    model = load_model("tiny-llama").model
+    vocab = torch.tensor([3, 17, 40, 41, 99, 180, 255])
+    with torch.inference_mode():
+        lean = LeanDecoder(model, 40, vocab=vocab)
+        h = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(8))
+        got = lean.argmax(h)
+        assert torch.equal(got, lean.logits(h).argmax(-1)) and set(got.tolist()) <= set(vocab.tolist())
+        whole = screen_of(model.lm_head)
+        assert lean._screen() is lean._screen() and torch.equal(lean._screen().codes, whole.codes[vocab])
