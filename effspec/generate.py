@@ -208,6 +208,8 @@ class _LeanEngine:
 
         self.lean, self.prompt = LeanDecoder(model, prompt.numel() + max_new_tokens), prompt
         self.chooses = chooses
+        if chooses:
+            self.lean.prepare_argmax()
 
     def _out(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.lean.hidden(self.lean.body.embed_tokens(ids))
@@ -352,6 +354,7 @@ def greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, eos_toke
 
 
 def _greedy_lean(lean, prompt: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> Generation:
+    lean.prepare_argmax()
     t0 = time.perf_counter()
     out = [lean.next_token(prompt)]
     t1 = time.perf_counter()

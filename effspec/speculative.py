@@ -413,6 +413,8 @@ def _prefilled(model: nn.Module, prompt: torch.Tensor, room: int, draft,
     last position -- with `greedy`, its argmax token (1,) instead --, seconds). A draft that feeds on the target's
     features (`observe`) gets the prompt's."""
     target = LeanDecoder(model, prompt.numel() + room)
+    if greedy:
+        target.prepare_argmax()
     t0 = time.perf_counter()
     h = target.hidden(target.body.embed_tokens(prompt), last_only=not hasattr(draft, "observe"))
     head = target.argmax(h[-1:]) if greedy else target.logits(h[-1:])
