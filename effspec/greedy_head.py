@@ -21,8 +21,9 @@ one row 4.06 -> 1.14 ms, 4 rows 4.34 -> 2.81, 8 rows 6.54 -> 5.48 with the float
 0.15-1.1 ms less again (4 rows 2.10, 8 rows 4.61 against 2.89 and 5.69, one process alternating). A whole one-row
 step at a 150-token context: 22.77 -> 18.98 ms.
 
-The int8 copy is built once per head weight (0.1-0.2 s for smollm2, before a timed prefill: `LeanDecoder.
-prepare_argmax`), cached on the module and rebuilt if the weight changes; it costs a quarter of the head's bytes. The C++ part is `screened_argmax` in `effspec.kernels`.
+The int8 copy is built once per head weight (0.1-0.2 s for smollm2; `LeanDecoder.prepare_argmax` builds it
+before a timed prefill), cached on the module and rebuilt if the weight changes; it costs a quarter of the head's
+bytes. The C++ part is `screened_argmax` in `effspec.kernels`.
 """
 
 from __future__ import annotations
