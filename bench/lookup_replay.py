@@ -24,7 +24,7 @@ several ways of proposing:
   the output -- what any copying draft could accept at best.
 
 Each round is priced with the measured cost of verifying its rows on this
-machine (`_hidden` + `argmax` on smollm2-135m at the prompts' mean length, median of 9,
+machine (`feed` + `argmax` on smollm2-135m at the prompts' mean length, median of 9,
 --threads; or given with --costs), so "x plain" is the decode speedup the
 strategy would reach at those costs, and "free rows" the one it would reach if
 extra rows cost nothing. `--heads` also runs the target once per prompt with
@@ -51,7 +51,7 @@ import torch  # noqa: E402
 import decode  # noqa: E402  (decode.py's prompt sets: the replay must see the same prompts)
 from effspec.models import load_model  # noqa: E402
 from effspec.draft_length import CostAwareLength  # noqa: E402
-from effspec.speculative import K_MAX, PromptLookup, _depth, _hidden, accepted_path, adapt, merge_trees  # noqa: E402
+from effspec.speculative import K_MAX, PromptLookup, _depth, accepted_path, adapt, merge_trees  # noqa: E402
 
 
 def matches(tokens: list[int], n: int) -> list[int]:
@@ -178,13 +178,13 @@ def measure_costs(model, context: int, threads: int, max_rows: int) -> dict[int,
     costs = {}
     with torch.inference_mode():
         target = LeanDecoder(model, context + max_rows + 1)
-        target.hidden(target.body.embed_tokens(torch.randint(100, 20000, (context,))), last_only=True)
+        target.feed(torch.randint(100, 20000, (context,)))
         for rows in range(1, max_rows + 1):
             times = []
             for _ in range(9):
                 target.cache.length = context
                 t0 = time.perf_counter()
-                target.argmax(_hidden(target, list(range(1000, 1000 + rows))))  # as speculative_greedy verifies
+                target.argmax(target.feed(torch.arange(1000, 1000 + rows), last_only=False))  # as speculative_greedy verifies
                 times.append(time.perf_counter() - t0)
             costs[rows] = statistics.median(times)
     return costs

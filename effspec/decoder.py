@@ -216,7 +216,11 @@ class LeanDecoder:
 
     def forward(self, ids: torch.Tensor, last_only: bool = True) -> torch.Tensor:
         """Logits (T or 1, vocab) for the 1-D `ids` appended at the cache's end."""
-        return self.logits(self.hidden(self.body.embed_tokens(ids), last_only))
+        return self.logits(self.feed(ids, last_only))
+
+    def feed(self, ids: torch.Tensor, last_only: bool = True, parents: list[int] | None = None) -> torch.Tensor:
+        """`hidden` of the 1-D token `ids`' embeddings: the tokens appended at the cache's end."""
+        return self.hidden(self.body.embed_tokens(ids), last_only, parents)
 
     def hidden(self, x: torch.Tensor, last_only: bool = True, parents: list[int] | None = None) -> torch.Tensor:
         """The final-normed hidden states (T or 1, hidden) -- what the head reads -- of the input vectors `x`
@@ -286,7 +290,7 @@ class LeanDecoder:
 
     def next_token(self, ids: torch.Tensor) -> int:
         """The greedy token after the 1-D `ids`, appended at the cache's end."""
-        return int(self.argmax(self.hidden(self.body.embed_tokens(ids)))[-1])
+        return int(self.argmax(self.feed(ids))[-1])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The head's logits (rows, vocab) of final-normed hidden states; -inf outside `vocab` when it is set."""

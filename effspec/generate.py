@@ -212,7 +212,7 @@ class _LeanEngine:
             self.lean.prepare_argmax()
 
     def _out(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.lean.hidden(self.lean.body.embed_tokens(ids))
+        h = self.lean.feed(ids)
         return self.lean.argmax(h) if self.chooses else self.lean.logits(h)
 
     def prefill(self) -> torch.Tensor:
@@ -227,6 +227,8 @@ class _LeanEngine:
 
 class _TransformersEngine:
     """transformers' forward over `cache`, the prompts left-padded to one length."""
+
+    chooses = False  # returns logits; the loop chooses
 
     def __init__(self, model: nn.Module, prompts: Sequence[torch.Tensor], cache):
         self.model, self.cache = model, cache
@@ -265,7 +267,7 @@ def _decode(engine, rows: int, max_new_tokens: int, config: SamplingConfig, eos_
     logits = engine.prefill()
     t1 = time.perf_counter()
     while True:
-        chosen = logits if getattr(engine, "chooses", False) else next_tokens(logits, config, generator)
+        chosen = logits if engine.chooses else next_tokens(logits, config, generator)
         for b, token in enumerate(chosen.tolist()):
             if done[b]:
                 continue  # a finished row keeps the batch rectangular; what it is fed is never read

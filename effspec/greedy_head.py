@@ -78,7 +78,8 @@ class Int8Screen:
         return None if bool((picks < 0).any()) else picks
 
 
-_SCREENS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, int], Int8Screen | None]]" = weakref.WeakKeyDictionary()
+# head -> ((its weight's data pointer, version), its screen, or None for a weight with a NaN or inf)
+_SCREENS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def screen_of(head: nn.Module) -> Int8Screen | None:

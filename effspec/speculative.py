@@ -62,6 +62,9 @@ context on this machine (AMD EPYC, Zen 4, 1 thread; `bench/lookup_replay.py`'s
 measured costs) a verify of 1 row takes 24.2 ms, 2 rows 27.8, 3 29.6, 4 29.1
 and 8 rows 42.8: up to 4 rows the step is bound by reading the weights, and
 each row past 4 adds ~3.4 ms of multiplies, near this core's float32 FMA rate.
+(Those costs computed every logit; greedy tokens now come from the head's int8
+screen, `effspec.greedy_head`: 1 row 22.5 -> 19.9 ms, 4 rows 27.9 -> 26.7,
+8 rows 41.1 -> 40.3 at this context, one process alternating.)
 (Until `linear_rows` prefetched the weights ahead, 4 rows took 54 ms and 8
 rows 77 against 29 for one.) Replayed offline at these costs, lookup would
 reach 2.27x on bench/decode.py's 3 grounded prompts if extra rows were free,
@@ -203,7 +206,7 @@ class DraftDecoder:
         if k <= 0:
             return None, 0
         new = tokens[common:]
-        h = self.lean.hidden(self.lean.body.embed_tokens(torch.tensor(new)))  # several tokens at once after a prefix
+        h = self.lean.feed(torch.tensor(new))  # several tokens at once after a prefix
         self.fed += new
         return h, k
 
@@ -348,7 +351,7 @@ def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: i
         rows, row_parents = out[-1:] + proposal, [-1] + [p + 1 for p in parents]
         start = target.cache.length
         t0 = time.perf_counter()
-        h = _hidden(target, rows, row_parents)
+        h = target.feed(torch.tensor(rows), last_only=False, parents=row_parents)
         pred = target.argmax(h).tolist()
         verify_seconds = time.perf_counter() - t0
         path = accepted_path(rows, row_parents, pred)
@@ -416,22 +419,17 @@ def _prefilled(model: nn.Module, prompt: torch.Tensor, room: int, draft,
     if greedy:
         target.prepare_argmax()
     t0 = time.perf_counter()
-    h = target.hidden(target.body.embed_tokens(prompt), last_only=not hasattr(draft, "observe"))
+    h = target.feed(prompt, last_only=not hasattr(draft, "observe"))
     head = target.argmax(h[-1:]) if greedy else target.logits(h[-1:])
     seconds = time.perf_counter() - t0
     _observe(draft, h)
     return target, head, seconds
 
 
-def _hidden(target: LeanDecoder, ids: list[int], parents: list[int] | None = None) -> torch.Tensor:
-    """The target's final-normed hidden states (features) of every row of `ids`, a chain or, with `parents`, a
-    tree (`LeanDecoder.hidden`)."""
-    return target.hidden(target.body.embed_tokens(torch.tensor(ids)), last_only=False, parents=parents)
-
-
 def _verify(target: LeanDecoder, ids: list[int], parents: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target's logits and features of every row of `ids` (`_hidden`)."""
-    h = _hidden(target, ids, parents)
+    """The target's logits and final-normed hidden states (features) of every row of `ids`, a chain or, with
+    `parents`, a tree (`LeanDecoder.hidden`)."""
+    h = target.feed(torch.tensor(ids), last_only=False, parents=parents)
     return target.logits(h), h
 
 
