@@ -59,9 +59,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effspec import kernels as effspec_kernels
 from effspec.decoder import LeanDecoder, rope, supported
 from effspec.generate import SamplingConfig, probabilities
+from effspec.layers import QuantLinear
 from effspec.progress import status_bar, track
+from effspec.quant import Grid
+from effspec.surgery import linear_layers, replace_module
 
 log = logging.getLogger(__name__)
 WEIGHTS, META = "eagle.safetensors", "eagle.json"
@@ -379,6 +383,25 @@ def _fit(head: EagleHead, target: nn.Module, rows: torch.Tensor, feats: torch.Te
 
 
 # ---- decoding ---------------------------------------------------------------------------------------------
+def coded(module: nn.Module, bits: int) -> nn.Module:
+    """`module` with its float linears replaced by `bits`-bit codes (round to nearest, symmetric, groups of 32 input
+    columns, per row where 32 does not divide), run by effspec's low-bit kernels.
+
+    A draft needs no exact arithmetic: the target verifies every proposal, so the draft's rounding can change
+    the speed, never the output. At 8 bits it reads a quarter of the float bytes and proposes the same tokens --
+    measured on smollm2-135m's 500-step head, the bench's open prompts (1 thread, one process alternating): the
+    same accepted tokens and rounds as the float head on every prompt, and decode 1.22x -> 1.32x plain greedy with
+    lookup as a second branch. At 4 bits (groups of 32) it accepted fewer (173 against 179) and gained less
+    (1.23x -> 1.26x)."""
+    for name, linear in linear_layers(module, exclude=()).items():
+        replace_module(module, name, _coded_linear(linear, bits))
+    return module
+
+
+def _coded_linear(linear: nn.Linear, bits: int) -> QuantLinear:
+    return QuantLinear.from_linear(linear, Grid(bits, 32 if linear.in_features % 32 == 0 else 0, True))
+
+
 class EagleDraft:
     """Proposals of an EAGLE head: catches up on the target's features of the kept tokens, then runs on its own.
 
@@ -388,16 +411,26 @@ class EagleDraft:
     """
 
     def __init__(self, head: EagleHead, target: nn.Module, max_len: int, vocab: torch.Tensor | None = None,
-                 width: int = 3):
+                 width: int = 3, bits: int | None = 8):
         """`vocab`: the tokens the draft may propose; default the head's own (from training). `width` > 1:
         greedy rounds also propose the draft's 2nd..width-th likeliest first tokens (`propose_tree`); 3 by default,
-        since a verify of 2-4 rows costs about the same (1: the chain alone)."""
+        since a verify of 2-4 rows costs about the same (1: the chain alone). `bits`: the draft's FC, block and
+        head rows run as 8-bit codes (`coded`; a copy, the head itself is untouched); None: as they are. Without
+        the low-bit kernels they stay float, which is faster than decoding codes in torch."""
         if width < 1:
             raise ValueError(f"width: expected a positive count, got {width}")
-        self.head, self.target, self.width = head, target, width
+        if bits is not None and bits not in (4, 8):
+            raise ValueError(f"bits: expected 8, 4 or None, got {bits}")
+        if bits is not None and head.fc.weight.dtype == torch.float32 and effspec_kernels.available():
+            head = coded(copy.deepcopy(head), bits)
+        else:
+            bits = None
+        self.head, self.target, self.width, self.bits = head, target, width, bits
         vocab = head.vocab if vocab is None else vocab
         self.lean = LeanDecoder(head.view(target), max_len, vocab=vocab)
-        self.features: list[torch.Tensor] = []
+        if bits is not None and self.lean.head_rows is not None:  # the whole head is the target's: left as it is
+            self.lean.head_rows = _coded_linear(self.lean.head_rows, bits)
+        self.features: list[torch.Tensor] = []  # observed, not yet fed: the tokens fed..seen - 1
         self.seen = 0  # tokens whose target features were observed
         self.fed = 0  # cache slots computed from target features (slot s: input (t_{s+1}, f_s))
 
@@ -415,28 +448,29 @@ class EagleDraft:
         k = min(k, self.lean.cache.k.shape[2] - self.seen)
         if k <= 0:
             return None, 0
-        f = torch.cat(self.features)
-        self.features = [f]
+        f = torch.cat(self.features) if len(self.features) > 1 else self.features[0]  # tokens fed..seen - 1
+        self.features = []
         self.lean.cache.length = self.fed  # drop last round's own-prediction slots
         new = torch.tensor(tokens[self.fed + 1: self.seen + 1])
-        x = self.head.inputs(self.target, new, f[self.fed: self.seen], self.lean.linear)
+        x = self.head.inputs(self.target, new, f, self.lean.linear)
         self.fed = self.seen
         return self.lean.hidden(x, last_only=True), k
 
     def _next(self, token: int, f: torch.Tensor) -> torch.Tensor:
         return self.lean.hidden(self.head.inputs(self.target, torch.tensor([token]), f, self.lean.linear))
 
-    def _chain(self, tokens: list[int], k: int) -> tuple[list[int], torch.Tensor | None]:
-        """Up to k greedy proposals, and the logits of the first (None when there is no room or no feature)."""
+    def _chain(self, tokens: list[int], k: int) -> tuple[list[int], list[int]]:
+        """Up to k greedy proposals, and the first step's `width` likeliest tokens (none when there is no room or
+        no feature)."""
         f, k = self._catch_up(tokens, k)
         if f is None:
-            return [], None
-        first = self.lean.logits(f)[-1]
-        out = [int(first.argmax())]
+            return [], []
+        top = self.lean.top(f, self.width).tolist()
+        out = top[:1]
         while len(out) < k:
             f = self._next(out[-1], f)
             out.append(int(self.lean.argmax(f)[-1]))
-        return out, first
+        return out, top
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], k: int) -> list[int]:
@@ -451,14 +485,9 @@ class EagleDraft:
         (tree rows, `effspec.decoder.LeanDecoder.hidden`): where the draft's top choice is wrong its second is
         often right (smollm2's 1,000-step head, held out: top-1 59%, top-2 71%). A one-level form of EAGLE's
         token tree (Sec. 4.3), sized for a verify that costs about one step at 2-3 rows but not at 8."""
-        out, first = self._chain(tokens, k)
-        chain = list(range(-1, len(out) - 1))
-        if first is None or self.width == 1:
-            return out, chain
-        top = first.topk(min(self.width + 1, first.numel()))
-        siblings = [int(t) for t, v in zip(top.indices, top.values) if v > float("-inf") and int(t) != out[0]]
-        siblings = siblings[: self.width - 1]
-        return out + siblings, chain + [-1] * len(siblings)
+        out, top = self._chain(tokens, k)
+        siblings = top[1:]
+        return out + siblings, list(range(-1, len(out) - 1)) + [-1] * len(siblings)
 
     @torch.inference_mode()
     def sample(self, tokens: list[int], k: int, config: SamplingConfig,

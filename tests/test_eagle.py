@@ -8,6 +8,7 @@ import torch
 from effspec.decoder import LeanDecoder
 from effspec.eagle import EagleConfig, EagleDraft, EagleHead, pack_rows, target_features, train_eagle
 from effspec.generate import SamplingConfig, greedy
+from effspec.layers import QuantLinear
 from effspec.models import load_model
 from effspec.speculative import frequent_tokens, speculative_greedy, speculative_sampling
 
@@ -86,15 +87,43 @@ def test_a_wide_draft_proposes_its_chain_then_its_next_likeliest_first_tokens():
     model = load_model("tiny-llama").model
     head = EagleHead(model, vocab=frequent_tokens([PROMPT], 8), seed=3).eval()
     feats = torch.randn(PROMPT.numel() - 1, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
-    drafts = [EagleDraft(head, model, 64, width=w) for w in (3, 1, 1, 1)]
+    drafts = [EagleDraft(head, model, 64, width=w, bits=None) for w in (3, 1, 1, 1)]
     for d in drafts:
         d.observe(feats)
     tokens = PROMPT.tolist()
     ids, parents = drafts[0].propose_tree(tokens, 3)
     assert ids[:3] == drafts[1].propose(tokens, 3) and parents == [-1, 0, 1, -1, -1]
-    first, logits = drafts[2]._chain(tokens, 1)
-    assert set(ids[3:]) == set(logits.topk(3).indices.tolist()) - set(first)  # the 2nd and 3rd likeliest
+    f, _ = drafts[2]._catch_up(tokens, 1)
+    logits = drafts[2].lean.logits(f)[-1]  # the whole vocabulary's row, -inf outside the head's tokens
+    assert ids[0] == int(logits.argmax())
+    assert set(ids[3:]) == set(logits.topk(3).indices.tolist()) - {ids[0]}  # the 2nd and 3rd likeliest
     assert drafts[3].propose_tree(tokens, 3) == (ids[:3], [-1, 0, 1])  # width 1: the plain chain
+
+
+def test_an_8_bit_draft_runs_on_codes_and_still_decodes_exactly():
+    """The default draft runs its FC, block and head rows as 8-bit codes (a copy: the head keeps its float
+    weights); its proposals are near the float draft's, and speculative greedy output is plain greedy's."""
+    model = load_model("tiny-llama").model
+    head = EagleHead(model, vocab=frequent_tokens([PROMPT], 8), seed=3).eval()
+    draft = EagleDraft(head, model, PROMPT.numel() + 40)
+    if draft.bits is None:
+        pytest.skip("no compiled kernels: the draft stays float")
+    coded_layers = [m for m in draft.head.modules() if isinstance(m, QuantLinear)]
+    assert len(coded_layers) == 8 and all(m.grid.bits == 8 and m.qweight.dtype == torch.uint8 for m in coded_layers)
+    assert isinstance(draft.lean.head_rows, QuantLinear)
+    assert type(head.fc) is torch.nn.Linear and head.fc.weight.dtype == torch.float32  # the head itself untouched
+    feats = torch.randn(PROMPT.numel() - 1, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    plain = EagleDraft(head, model, 64, bits=None)
+    coded = EagleDraft(head, model, 64)
+    for d in (plain, coded):
+        d.observe(feats)
+    f_plain, _ = plain._catch_up(PROMPT.tolist(), 1)
+    f_coded, _ = coded._catch_up(PROMPT.tolist(), 1)
+    assert 0 < (f_coded - f_plain).norm() < 0.05 * f_plain.norm()  # rounded, and close
+    n = 24
+    want = greedy(model, PROMPT, n).tokens
+    gen, _ = speculative_greedy(model, PROMPT, n, EagleDraft(head, model, PROMPT.numel() + n + 16), k=4)
+    assert torch.equal(gen.tokens, want)
 
 
 def test_a_draft_must_see_the_features_of_every_token_but_the_newest():

@@ -8,8 +8,8 @@ import torch
 from effspec.generate import SamplingConfig, greedy
 from effspec.models import load_model
 from effspec.registry import get_step
-from effspec.speculative import (Branches, DraftDecoder, PromptLookup, accepted_path, frequent_tokens, merge_trees,
-                                 speculative_greedy, speculative_sampling, speculative_step, with_tokens)
+from effspec.speculative import (Branches, DraftDecoder, PromptLookup, accepted_path, frequent_tokens, greedy_path,
+                                 merge_trees, speculative_greedy, speculative_sampling, speculative_step, with_tokens)
 
 # a prompt that repeats itself, so prompt lookup has matches to propose
 PROMPT = torch.tensor(list(b"the cat sat on the mat. the cat sat on the mat. the cat"))
@@ -83,6 +83,37 @@ def test_speculative_greedy_over_a_tree_keeps_the_right_branch_and_stays_exact()
                                     adaptive=False)
     assert torch.equal(gen.tokens, plain)
     assert stats.rounds <= n // 4 + 1  # each round keeps the 3 right proposals and adds the target's next
+
+
+def test_greedy_path_reads_row_0_then_only_the_subtree_of_its_kept_child():
+    """A tree verify needs the target's argmax only along the walk: row 0, then the subtree below the child that
+    is row 0's argmax; the path and those argmaxes are the ones of every row's, and a chain is read at once."""
+    from effspec.decoder import LeanDecoder
+
+    model = load_model("tiny-llama").model
+    plain = greedy(model, PROMPT, 3, engine="lean").tokens.tolist()  # plain[1], plain[2]: right after plain[0]
+    V = model.config.vocab_size
+    wrong = (plain[1] + 1) % V
+    cases = [  # (rows after the last kept token plain[0], their parents, argmax calls' row counts)
+        ([wrong, plain[1], wrong, plain[2], wrong], [-1, -1, 0, 1, 1], [1, 3]),  # the kept child's subtree: 3 rows
+        ([wrong, wrong, plain[1]], [-1, 0, -1], [1, 1]),
+        ([wrong, (wrong + 1) % V], [-1, -1], [1]),  # no child kept: row 0 alone
+        ([plain[1], plain[2], wrong], [-1, 0, 1], [4]),  # a chain: every row in one call
+    ]
+    for proposal, parents, calls in cases:
+        target = LeanDecoder(model, 64)
+        target.feed(PROMPT)
+        if not target.screens_argmax():
+            pytest.skip("no compiled kernels: no screen")
+        rows, row_parents = [plain[0]] + proposal, [-1] + [p + 1 for p in parents]
+        h = target.feed(torch.tensor(rows), last_only=False, parents=row_parents)
+        every = target.argmax(h).tolist()
+        seen = []
+        argmax = target.argmax
+        target.argmax = lambda x: seen.append(x.shape[0]) or argmax(x)
+        path, pred = greedy_path(target, h, rows, row_parents)
+        assert path == accepted_path(rows, row_parents, every) and seen == calls
+        assert all(p is None or p == e for p, e in zip(pred, every)) and all(pred[r] is not None for r in path)
 
 
 def test_merge_trees_shares_common_prefixes_and_cuts_at_the_budget():
