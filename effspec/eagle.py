@@ -29,7 +29,7 @@ its input norm (EAGLE drops it on its single layer), so it is exactly the target
 `effspec.decoder`'s compiled path; the noise amplitude is relative to the features' RMS (`noise` x RMS; the
 paper's absolute 0.1 assumes Vicuna's feature scale); the draft's head may be restricted to frequent tokens
 (`effspec.speculative.frequent_tokens`, FR-Spec), in training and decode alike, since the head is most of a
-one-block draft's cost.
+one-block draft's cost; at decode the draft runs on 8-bit codes of its weights (`coded`).
 
 Measured on smollm2-135m (README, "Speculative decoding"), trained on the shared Alpaca file: 300 steps gave 44%
 held-out first-proposal agreement and 1.20x plain greedy on open generation, 500 steps 49% and 1.26x (1 thread,
@@ -388,11 +388,10 @@ def coded(module: nn.Module, bits: int) -> nn.Module:
     columns, per row where 32 does not divide), run by effspec's low-bit kernels.
 
     A draft needs no exact arithmetic: the target verifies every proposal, so the draft's rounding can change
-    the speed, never the output. At 8 bits it reads a quarter of the float bytes and proposes the same tokens --
-    measured on smollm2-135m's 500-step head, the bench's open prompts (1 thread, one process alternating): the
-    same accepted tokens and rounds as the float head on every prompt, and decode 1.22x -> 1.32x plain greedy with
-    lookup as a second branch. At 4 bits (groups of 32) it accepted fewer (173 against 179) and gained less
-    (1.23x -> 1.26x)."""
+    the speed, never the output. At 8 bits it reads a quarter of the float bytes and proposed the same tokens on
+    smollm2-135m's 500-step head: the same accepted tokens and rounds as the float head on each of bench/decode.py's
+    open prompts. The draft's time a round fell 2.92 -> 2.19 ms, and the tree with lookup rose 1.294x -> 1.332x
+    plain greedy (1 thread, one process ABBA). At 4 bits it accepted fewer (170 against 179) and gained less."""
     for name, linear in linear_layers(module, exclude=()).items():
         replace_module(module, name, _coded_linear(linear, bits))
     return module
@@ -414,9 +413,10 @@ class EagleDraft:
                  width: int = 3, bits: int | None = 8):
         """`vocab`: the tokens the draft may propose; default the head's own (from training). `width` > 1:
         greedy rounds also propose the draft's 2nd..width-th likeliest first tokens (`propose_tree`); 3 by default,
-        since a verify of 2-4 rows costs about the same (1: the chain alone). `bits`: the draft's FC, block and
-        head rows run as 8-bit codes (`coded`; a copy, the head itself is untouched); None: as they are. Without
-        the low-bit kernels they stay float, which is faster than decoding codes in torch."""
+        since a verify of 2-4 rows costs about the same (1: the chain alone). `bits` (8, the default, or 4): the
+        draft's FC, block and head rows run as codes of that width (`coded`; a copy, the head itself is untouched);
+        None: as they are. Without the low-bit kernels they stay float, which is faster than decoding codes in
+        torch."""
         if width < 1:
             raise ValueError(f"width: expected a positive count, got {width}")
         if bits is not None and bits not in (4, 8):
