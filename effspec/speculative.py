@@ -401,8 +401,8 @@ def greedy_path(target: LeanDecoder, h: torch.Tensor, ids: list[int], parents: l
 
     The head's argmax costs by the rows it reads (`effspec.greedy_head`'s screen, smollm2-135m, 1 thread: 1 row
     0.87 ms, 4 rows 2.10, 6 rows 3.39, 8 rows 4.61), and a tree's walk keeps at most one of the subtrees below
-    row 0. Measured on bench/decode.py's open prompts (lookup + EAGLE head tree, 1 thread, one process
-    alternating, output identical): 1.21x -> 1.29x plain greedy. A chain's rows are all needed when its draft is
+    row 0. Measured on bench/decode.py's open prompts (lookup + EAGLE head tree, 1 thread, one process ABBA,
+    output identical): 1.294x -> 1.330x plain greedy. A chain's rows are all needed when its draft is
     right, and reading row 0 first lost there (grounded prompts, lookup: 1.60x -> 1.54x), so a chain (or a tree
     whose branches part below row 0's child) is read in one call, as is a head without the screen, which costs
     about as much for 1 row as for 8. Each row's argmax does not depend on the rows read with it: the tokens are
