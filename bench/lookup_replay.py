@@ -143,7 +143,7 @@ def replay(make, prompts: list[list[int]], outputs: list[list[int]], cost, k_max
                 ids, parents = draft.propose_tree(text, want)
             elif lengths:  # a free draft: as many of its proposals as buy the most tokens per second
                 ids = draft.propose(text, min(k_max, len(out) - pos))
-                ids = ids[:lengths.choose(len(ids), draft.match)]
+                ids = ids[:lengths.choose(len(ids), draft.match, draft.ambiguous)]
                 parents = list(range(-1, len(ids) - 1))
             else:
                 ids = draft.propose(text, want)[:want]
@@ -161,7 +161,7 @@ def replay(make, prompts: list[list[int]], outputs: list[list[int]], cost, k_max
             n = len(accepted_path(rows, row_parents, pred)) - 1
             seconds += cost(len(rows))
             if lengths:
-                lengths.observe(len(rows), cost(len(rows)), len(ids), n, draft.match)
+                lengths.observe(len(rows), cost(len(rows)), len(ids), n, draft.match, draft.ambiguous)
             accepted, rounds, pos = accepted + n, rounds + 1, pos + n + 1
             k = adapt(k, _depth(parents), n, k_max)
         plain = cost(1) * (len(out) - 1)

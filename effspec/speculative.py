@@ -125,9 +125,12 @@ class PromptLookup:
     (`bench/lookup_replay.py`), suffixes up to 12 tokens gave 1.59x against 1.56x for 3 (3 prompts) and 1.82x
     against 1.77x (6 prompts), no better at 16 or 32; measured, 1.54x and 1.72x, within the runs' spread
     (1.53-1.55x and 1.74-1.81x with 3), with 193 against 189 and 442 against 433 tokens accepted.
+    After each proposal `match` says how many tokens the match spans, and `ambiguous` whether its n-gram recurs
+    often: `effspec.draft_length` sizes the round by both.
     """
 
     INDEXED = 3
+    AMBIGUOUS = 4  # occurrences of the matched n-gram (up to INDEXED tokens) from which a match is `ambiguous`
     free = True  # proposing costs nothing next to a verify: `speculative_greedy` sizes its rounds by cost alone
 
     def __init__(self, max_ngram: int = 12, min_ngram: int = 1):
@@ -135,6 +138,7 @@ class PromptLookup:
             raise ValueError(f"n-grams {max_ngram}..{min_ngram}: expected max_ngram >= min_ngram >= 1")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.match = 0  # tokens the last proposal's match spans (0: no match): how far to trust it
+        self.ambiguous = False  # the last proposal's matched n-gram occurs AMBIGUOUS or more times: trust it less
         self._seen: list[int] = []  # the text the index covers
         self._starts: dict[tuple[int, ...], list[int]] = {}
 
@@ -152,7 +156,7 @@ class PromptLookup:
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
         self._index(tokens)
-        self.match = 0
+        self.match, self.ambiguous = 0, False
         top = min(self.max_ngram, self.INDEXED)
         for n in range(top, self.min_ngram - 1, -1):
             if len(tokens) <= n:
@@ -171,7 +175,7 @@ class PromptLookup:
                         best, longest = s, length
                         if length == self.max_ngram:  # no longer match is looked for; later ones came first
                             break
-            self.match = longest
+            self.match, self.ambiguous = longest, len(starts) >= self.AMBIGUOUS
             return tokens[best + n:best + n + k]
         return []
 
@@ -346,7 +350,7 @@ def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: i
         want = min(k_max if lengths else k, max_new_tokens - len(out))
         proposal, parents = _proposals(draft, tokens + out, want)
         if lengths:
-            proposal = proposal[:lengths.choose(len(proposal), draft.match)]
+            proposal = proposal[:lengths.choose(len(proposal), draft.match, getattr(draft, "ambiguous", False))]
             parents = parents[:len(proposal)]
         rows, row_parents = out[-1:] + proposal, [-1] + [p + 1 for p in parents]
         start = target.cache.length
@@ -363,7 +367,8 @@ def speculative_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: i
         out += new
         stats.record(len(proposal), n)
         if lengths:
-            lengths.observe(len(rows), verify_seconds, len(proposal), n, draft.match)
+            lengths.observe(len(rows), verify_seconds, len(proposal), n, draft.match,
+                            getattr(draft, "ambiguous", False))
         elif adaptive:
             k = adapt(k, _depth(parents), n, k_max)
     t2 = time.perf_counter()

@@ -18,8 +18,9 @@ def with_costs(costs: dict[int, float], k_max: int = 7) -> CostAwareLength:
     return lengths
 
 
-def with_alpha(lengths: CostAwareLength, accepted: int, checked: int, match: int) -> CostAwareLength:
-    lengths.counts[lengths._bucket(match)] = (float(accepted), float(checked))
+def with_alpha(lengths: CostAwareLength, accepted: int, checked: int, match: int,
+               ambiguous: bool = False) -> CostAwareLength:
+    lengths.counts[lengths._bucket(match, ambiguous)] = (float(accepted), float(checked))
     return lengths
 
 
@@ -54,6 +55,27 @@ def test_a_kind_of_match_that_keeps_failing_stops_being_verified_and_others_go_o
     assert lengths.alpha(1) == pytest.approx(3 / 44) and lengths.alpha(5) == pytest.approx(283 / 284)
     assert lengths.choose(7, 1) == 0 and lengths.choose(7, 5) == 7
     assert lengths.alpha(4) == lengths.alpha(12)  # 4 tokens or more: one kind
+
+
+def test_an_ambiguous_match_is_judged_apart_from_an_unambiguous_one_of_the_same_length():
+    lengths = with_costs({1: 1.0, 2: 1.1, 8: 1.2})
+    for _ in range(40):
+        lengths.observe(8, 1.2, 7, 0, 2, ambiguous=True)  # a 2-gram that recurs all over the text: wrong
+        lengths.observe(8, 1.2, 7, 7, 2)  # a 2-gram seen once or twice: right
+    assert lengths.alpha(2, ambiguous=True) == pytest.approx(3 / 44) and lengths.alpha(2) == pytest.approx(283 / 284)
+    assert lengths.choose(7, 2, ambiguous=True) == 0 and lengths.choose(7, 2) == 7
+
+
+def test_prompt_lookup_says_when_its_match_recurs_often():
+    """`ambiguous`: the matched n-gram (up to INDEXED tokens) has AMBIGUOUS or more earlier occurrences, so the
+    latest one is a guess among several."""
+    lookup = PromptLookup()
+    assert lookup.propose([7, 1, 2, 7, 3, 4, 7, 5, 6, 7, 8, 9, 7], 2) == [8, 9]
+    assert lookup.match == 1 and lookup.ambiguous  # 7 occurs 4 times before
+    assert lookup.propose([7, 1, 2, 7, 3, 4, 7, 5, 6, 8, 9, 7], 2) == [5, 6]
+    assert lookup.match == 1 and not lookup.ambiguous  # 3 times
+    assert lookup.propose([1, 2, 3, 9, 1, 2, 3], 2) == [9, 1] and lookup.match == 3 and not lookup.ambiguous
+    assert lookup.propose([5, 6], 2) == [] and not lookup.ambiguous
 
 
 def test_costs_are_running_averages_interpolated_between_measured_counts():
