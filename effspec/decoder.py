@@ -288,8 +288,6 @@ class LeanDecoder:
         full = screen_of(self.model.lm_head)
         if self.vocab is None or full is None:
             return full
-        if type(self.head_rows) is not nn.Linear:  # rows a draft replaced (8-bit codes): no float rows to recheck
-            return None
         if self._vocab_screen is None or self._vocab_screen[0] is not full:
             self._vocab_screen = (full, Int8Screen.rows_of(full, self.vocab, self.head_rows.weight.detach()))
         return self._vocab_screen[1]

@@ -390,15 +390,15 @@ def coded(module: nn.Module, bits: int) -> nn.Module:
     A draft needs no exact arithmetic: the target verifies every proposal, so the draft's rounding can change
     the speed, never the output. At 8 bits it reads a quarter of the float bytes and proposed the same tokens on
     smollm2-135m's 500-step head: the same accepted tokens and rounds as the float head on each of bench/decode.py's
-    open prompts. The draft's time a round fell 2.92 -> 2.19 ms, and the tree with lookup rose 1.294x -> 1.332x
-    plain greedy (1 thread, one process ABBA). At 4 bits it accepted fewer (170 against 179) and gained less."""
+    open prompts. With its head rows coded too, the draft's time a round fell 2.92 -> 2.19 ms, and the tree with
+    lookup rose 1.294x -> 1.332x plain greedy (1 thread, one process ABBA). The head rows stay float (the target's
+    rows, whose int8 screen gives the chain's exact argmax): coding them saved 0.25 ms a round (2.53 -> 2.28) and
+    nothing measurable end to end (1.374x against 1.368x, ABBA). At 4 bits it accepted fewer (170 against 179)
+    and gained less."""
     for name, linear in linear_layers(module, exclude=()).items():
-        replace_module(module, name, _coded_linear(linear, bits))
+        grid = Grid(bits, 32 if linear.in_features % 32 == 0 else 0, True)
+        replace_module(module, name, QuantLinear.from_linear(linear, grid, name))
     return module
-
-
-def _coded_linear(linear: nn.Linear, bits: int) -> QuantLinear:
-    return QuantLinear.from_linear(linear, Grid(bits, 32 if linear.in_features % 32 == 0 else 0, True))
 
 
 class EagleDraft:
@@ -414,7 +414,7 @@ class EagleDraft:
         """`vocab`: the tokens the draft may propose; default the head's own (from training). `width` > 1:
         greedy rounds also propose the draft's 2nd..width-th likeliest first tokens (`propose_tree`); 3 by default,
         since a verify of 2-4 rows costs about the same (1: the chain alone). `bits` (8, the default, or 4): the
-        draft's FC, block and head rows run as codes of that width (`coded`; a copy, the head itself is untouched);
+        draft's FC and block run as codes of that width (`coded`; a copy, the head itself is untouched);
         None: as they are. Without the low-bit kernels they stay float, which is faster than decoding codes in
         torch."""
         if width < 1:
@@ -427,9 +427,7 @@ class EagleDraft:
             bits = None
         self.head, self.target, self.width, self.bits = head, target, width, bits
         vocab = head.vocab if vocab is None else vocab
-        self.lean = LeanDecoder(head.view(target), max_len, vocab=vocab)
-        if bits is not None and self.lean.head_rows is not None:  # the whole head is the target's: left as it is
-            self.lean.head_rows = _coded_linear(self.lean.head_rows, bits)
+        self.lean = LeanDecoder(head.view(target), max_len, vocab=vocab)  # its head rows: the target's, float
         self.features: list[torch.Tensor] = []  # observed, not yet fed: the tokens fed..seen - 1
         self.seen = 0  # tokens whose target features were observed
         self.fed = 0  # cache slots computed from target features (slot s: input (t_{s+1}, f_s))
