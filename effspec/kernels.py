@@ -507,9 +507,9 @@ static void attend_one(const float* q, const float* K, const float* V, int64_t n
 // T new positions start..start+T-1 (a decode step, or a short speculative verify): RoPE (transformers'
 // half-split form) on q (T, H*d) and k (T, KV*d) with table rows cos/sin (T, d); k and v written into
 // the block's caches (KV, max_len, d); then query t of every head attends causally over positions
-// 0..start+t of its key/value head (GQA: H/KV query heads share one). Returns (T, H*d). Key/value heads
-// are split across threads. A tree verify passes `see` (T,) int64: bit r of see[t] says whether row t sees new
-// row r (its ancestors and itself, all before it); empty: causal.
+// 0..start+t of its key/value head (GQA: H/KV query heads share one). Returns (T, H*d). A key/value head
+// and up to 3 of its queries make one task for the threads. A tree verify passes `see` (T,) int64: bit r of
+// see[t] says whether row t sees new row r (its ancestors and itself, all before it); empty: causal.
 torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
                           torch::Tensor kcache, torch::Tensor vcache, int64_t start, double scale, torch::Tensor see) {
   const int64_t d = cos.size(-1), T = cos.numel() / d, H = q.numel() / (T * d), KV = k.numel() / (T * d);
@@ -541,30 +541,35 @@ torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
     for (int64_t h = 0; h < H; ++h) rope(Q + (t * H + h) * d, C, S, qr.data() + (t * H + h) * d);
   }
   const int64_t stride = (n + 15) / 16 * 16;  // every query's score row starts 64-byte aligned alike
-  at::parallel_for(0, KV, 1, [&](int64_t kv0, int64_t kv1) {
-    auto P = torch::empty({G * T, stride}, q.options());  // torch's allocations are 64-byte aligned
-    std::vector<const float*> qs(G * T);
-    std::vector<float*> outs(G * T);
-    std::vector<int64_t> last(G * T), seen(G * T);
-    for (int64_t kv = kv0; kv < kv1; ++kv) {
+  // One task: a key/value head and up to 3 of its G * T queries (query c is row c / G's head kv * G + c % G),
+  // the most `attend_queries` runs against one sweep of the keys. Splitting the heads alone left a verify
+  // unbalanced on 2 threads (smollm2's 3 key/value heads: one thread took two), and a query's arithmetic does
+  // not depend on which task runs it.
+  const int64_t groups = (G * T + 2) / 3;
+  at::parallel_for(0, KV * groups, 1, [&](int64_t a, int64_t b) {
+    auto P = torch::empty({3, stride}, q.options());  // torch's allocations are 64-byte aligned
+    const float* qs[3];
+    float* outs[3];
+    int64_t last[3], seen[3];
+    for (int64_t task = a; task < b; ++task) {
+      const int64_t kv = task / groups, c0 = task % groups * 3, nq = std::min<int64_t>(3, G * T - c0);
       const float *Kh = KC + kv * L * d, *Vh = VC + kv * L * d;
-      for (int64_t t = 0, c = 0; t < T; ++t)
-        for (int64_t h = kv * G; h < (kv + 1) * G; ++h, ++c) {
-          qs[c] = qr.data() + (t * H + h) * d;
-          outs[c] = O + (t * H + h) * d;
-          last[c] = start + t;
-          seen[c] = SEE ? SEE[t] : -1;  // -1: every key up to last
-        }
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t t = (c0 + i) / G, h = kv * G + (c0 + i) % G;
+        qs[i] = qr.data() + (t * H + h) * d;
+        outs[i] = O + (t * H + h) * d;
+        last[i] = start + t;
+        seen[i] = SEE ? SEE[t] : -1;  // -1: every key up to last
+      }
       float* p = P.data_ptr<float>();
 #if defined(__AVX2__) && defined(__FMA__)
       if (d % 16 == 0) {
-        attend_queries(qs.data(), Kh, Vh, last.data(), seen.data(), start, G * T, n, d, (float)scale, p, stride,
-                       outs.data());
+        attend_queries(qs, Kh, Vh, last, seen, start, nq, n, d, (float)scale, p, stride, outs);
         continue;
       }
 #endif
-      for (int64_t c = 0; c < G * T; ++c)
-        attend_one(qs[c], Kh, Vh, last[c] + 1, seen[c], start, d, (float)scale, p, outs[c]);
+      for (int64_t i = 0; i < nq; ++i)
+        attend_one(qs[i], Kh, Vh, last[i] + 1, seen[i], start, d, (float)scale, p, outs[i]);
     }
   });
   return o;
@@ -1145,7 +1150,7 @@ EMPTY = torch.empty(0)  # "no bias"
 
 @lru_cache(maxsize=1)
 def _module():
-    return compile_inline("effspec_lowbit_v25", _DECLS, _SOURCE,
+    return compile_inline("effspec_lowbit_v26", _DECLS, _SOURCE,
                           ["lowbit_linear", "rms_norm", "silu_mul", "rope_attend", "linear_rows", "w8a8_rows",
                            "screened_argmax"],
                           "low-bit C++ kernels", "EFFSPEC_CPP_KERNELS",
