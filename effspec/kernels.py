@@ -335,7 +335,9 @@ static void weigh(float* p, int64_t start, int64_t last, int64_t see, int64_t n)
   std::fill(p + last + 1, p + n, 0.f);
 }
 
-// One key/value head against NQ (<= 3) of its queries -- query heads of the group, at one or more new
+constexpr int64_t SWEEP = 3;  // queries that share one sweep over a head's keys and values (NQ below)
+
+// One key/value head against NQ (<= SWEEP) of its queries -- query heads of the group, at one or more new
 // positions: each key row and value row is read once for all of them instead of once per query. Scores:
 // per key, each query's dot product in two interleaved FMA chains (one chain was bound by FMA latency;
 // holding the key's 64 columns in registers for all queries measured no faster).
@@ -468,25 +470,22 @@ static void attend_group512(const float* const* qs, const float* K, const float*
 }
 #endif
 
+// One sweep over the keys and values of a head for nq <= SWEEP queries (the registers hold that many).
 static void attend_queries(const float* const* qs, const float* K, const float* V, const int64_t* last,
                            const int64_t* see, int64_t start, int64_t nq, int64_t n, int64_t d, float scale, float* P,
                            int64_t stride, float* const* outs) {
-  for (int64_t c0 = 0; c0 < nq; c0 += 3) {
-    const int64_t *l = last + c0, *s = see + c0;
 #if defined(__AVX512F__)
-    if (d == 64 || d == 128) {  // the head size a compile-time constant: the 16 key rows' addresses are offsets
-      const int64_t nc = std::min<int64_t>(3, nq - c0);
-      auto f = d == 64 ? (nc == 1 ? attend_group512<1, 64> : nc == 2 ? attend_group512<2, 64> : attend_group512<3, 64>)
-                       : (nc == 1 ? attend_group512<1, 128> : nc == 2 ? attend_group512<2, 128> : attend_group512<3, 128>);
-      f(qs + c0, K, V, l, s, start, n, scale, P, stride, outs + c0);
-      continue;
-    }
+  if (d == 64 || d == 128) {  // the head size a compile-time constant: the 16 key rows' addresses are offsets
+    auto f = d == 64 ? (nq == 1 ? attend_group512<1, 64> : nq == 2 ? attend_group512<2, 64> : attend_group512<3, 64>)
+                     : (nq == 1 ? attend_group512<1, 128> : nq == 2 ? attend_group512<2, 128> : attend_group512<3, 128>);
+    f(qs, K, V, last, see, start, n, scale, P, stride, outs);
+    return;
+  }
 #endif
-    switch (std::min<int64_t>(3, nq - c0)) {
-      case 1: attend_group<1>(qs + c0, K, V, l, s, start, n, d, scale, P, stride, outs + c0); break;
-      case 2: attend_group<2>(qs + c0, K, V, l, s, start, n, d, scale, P, stride, outs + c0); break;
-      default: attend_group<3>(qs + c0, K, V, l, s, start, n, d, scale, P, stride, outs + c0); break;
-    }
+  switch (nq) {
+    case 1: attend_group<1>(qs, K, V, last, see, start, n, d, scale, P, stride, outs); break;
+    case 2: attend_group<2>(qs, K, V, last, see, start, n, d, scale, P, stride, outs); break;
+    default: attend_group<3>(qs, K, V, last, see, start, n, d, scale, P, stride, outs); break;
   }
 }
 #endif
@@ -508,7 +507,7 @@ static void attend_one(const float* q, const float* K, const float* V, int64_t n
 // half-split form) on q (T, H*d) and k (T, KV*d) with table rows cos/sin (T, d); k and v written into
 // the block's caches (KV, max_len, d); then query t of every head attends causally over positions
 // 0..start+t of its key/value head (GQA: H/KV query heads share one). Returns (T, H*d). A key/value head
-// and up to 3 of its queries make one task for the threads. A tree verify passes `see` (T,) int64: bit r of
+// and up to SWEEP of its queries make one task for the threads. A tree verify passes `see` (T,) int64: bit r of
 // see[t] says whether row t sees new row r (its ancestors and itself, all before it); empty: causal.
 torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
                           torch::Tensor kcache, torch::Tensor vcache, int64_t start, double scale, torch::Tensor see) {
@@ -541,18 +540,17 @@ torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
     for (int64_t h = 0; h < H; ++h) rope(Q + (t * H + h) * d, C, S, qr.data() + (t * H + h) * d);
   }
   const int64_t stride = (n + 15) / 16 * 16;  // every query's score row starts 64-byte aligned alike
-  // One task: a key/value head and up to 3 of its G * T queries (query c is row c / G's head kv * G + c % G),
-  // the most `attend_queries` runs against one sweep of the keys. Splitting the heads alone left a verify
-  // unbalanced on 2 threads (smollm2's 3 key/value heads: one thread took two), and a query's arithmetic does
-  // not depend on which task runs it.
-  const int64_t groups = (G * T + 2) / 3;
+  // One task: a key/value head and up to SWEEP of its G * T queries (query c is row c / G's head kv * G + c % G).
+  // Splitting the heads alone left a verify unbalanced on 2 threads (smollm2's 3 key/value heads: one thread
+  // took two), and a query's arithmetic does not depend on which task runs it.
+  const int64_t groups = (G * T + SWEEP - 1) / SWEEP;
   at::parallel_for(0, KV * groups, 1, [&](int64_t a, int64_t b) {
-    auto P = torch::empty({3, stride}, q.options());  // torch's allocations are 64-byte aligned
-    const float* qs[3];
-    float* outs[3];
-    int64_t last[3], seen[3];
+    auto P = torch::empty({SWEEP, stride}, q.options());  // torch's allocations are 64-byte aligned
+    const float* qs[SWEEP];
+    float* outs[SWEEP];
+    int64_t last[SWEEP], seen[SWEEP];
     for (int64_t task = a; task < b; ++task) {
-      const int64_t kv = task / groups, c0 = task % groups * 3, nq = std::min<int64_t>(3, G * T - c0);
+      const int64_t kv = task / groups, c0 = task % groups * SWEEP, nq = std::min<int64_t>(SWEEP, G * T - c0);
       const float *Kh = KC + kv * L * d, *Vh = VC + kv * L * d;
       for (int64_t i = 0; i < nq; ++i) {
         const int64_t t = (c0 + i) / G, h = kv * G + (c0 + i) % G;
@@ -1150,7 +1148,7 @@ EMPTY = torch.empty(0)  # "no bias"
 
 @lru_cache(maxsize=1)
 def _module():
-    return compile_inline("effspec_lowbit_v26", _DECLS, _SOURCE,
+    return compile_inline("effspec_lowbit_v27", _DECLS, _SOURCE,
                           ["lowbit_linear", "rms_norm", "silu_mul", "rope_attend", "linear_rows", "w8a8_rows",
                            "screened_argmax"],
                           "low-bit C++ kernels", "EFFSPEC_CPP_KERNELS",

@@ -168,7 +168,7 @@ def test_rope_attend_rows_of_a_verify_step_equal_their_own_decode_steps(d, H, KV
     attention computed in torch. The vectorized path takes a key/value head's T * H / KV queries 3 at a time:
     with 4 queries per head (8, 2) a query lands in a pass of 1, 2 or 3 depending on T. The 512-bit path scores
     keys 16 at a time: from start 28 a verify's last block is whole where its first row's decode step ends
-    in a partial one."""
+    in a partial one. One thread gives the same outputs as the default count."""
     ops = kernels.decode_ops()
     if ops is None:
         pytest.skip("no C++ compiler here")
@@ -187,6 +187,14 @@ def test_rope_attend_rows_of_a_verify_step_equal_their_own_decode_steps(d, H, KV
                                            start + t, 0.125, kernels.EMPTY) for t in range(T)])
         assert torch.equal(together, alone), T
         assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
+        threads = torch.get_num_threads()
+        try:  # the threads' tasks (a key/value head and up to 3 of its queries) leave every query's arithmetic alone
+            torch.set_num_threads(1)
+            single = ops.rope_attend(q, k, v, cos[start:start + T], sin[start:start + T], kc.clone(), vc.clone(),
+                                     start, 0.125, kernels.EMPTY)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(together, single), T
         qh = decoder.rope(q.view(T, H, d).transpose(0, 1), cos[start:start + T], sin[start:start + T])
         keys = kc1[:, : start + T].repeat_interleave(H // KV, 0)
         mask = torch.arange(start + T)[None] <= start + torch.arange(T)[:, None]
